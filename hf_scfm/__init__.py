@@ -1,0 +1,9 @@
+"""hf-scfm: single-cell foundation models with linear-cost backbones, the Hugging Face way.
+
+Importing this package registers every configuration, model and tokenizer with the transformers
+Auto classes. It stays light: scanpy, matplotlib and the CUDA kernels are imported where used.
+"""
+
+__version__ = "0.1.0.dev0"
+
+from .data import load_example
