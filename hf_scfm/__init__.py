@@ -7,3 +7,7 @@ Auto classes. It stays light: scanpy, matplotlib and the CUDA kernels are import
 __version__ = "0.1.0.dev0"
 
 from .data import load_example
+from .modeling.mouse_genemamba import *  # noqa: F401,F403
+from .modeling.cellfm import *  # noqa: F401,F403
+from .modeling.lora import DEFAULT_LORA_TARGETS, default_lora_targets  # noqa: F401
+from .tokenization import GeneTokenizer, MappingReport

@@ -1,5 +1,40 @@
 """Reading AnnData, the bundled example datasets, corpora and collators."""
 
+from .collators import (
+    DataCollatorForCellClassification,
+    DataCollatorForGeneMLM,
+    DataCollatorForMaskedExpression,
+    DataCollatorForMaskedRegression,
+    DataCollatorForNextGene,
+    DataCollatorForPerturbation,
+)
+from .corpus import CorpusBuildReport, build_corpus
 from .examples import EXAMPLES, example_path, load_example
+from .loading import (
+    CorpusFormatError,
+    LengthGroupedBatchSampler,
+    length_grouping_arguments,
+    load_corpus,
+    split_by_column,
+    split_by_node,
+)
 
-__all__ = ["EXAMPLES", "example_path", "load_example"]
+__all__ = [
+    "EXAMPLES",
+    "example_path",
+    "load_example",
+    "build_corpus",
+    "CorpusBuildReport",
+    "load_corpus",
+    "CorpusFormatError",
+    "split_by_column",
+    "split_by_node",
+    "LengthGroupedBatchSampler",
+    "length_grouping_arguments",
+    "DataCollatorForNextGene",
+    "DataCollatorForGeneMLM",
+    "DataCollatorForMaskedExpression",
+    "DataCollatorForMaskedRegression",
+    "DataCollatorForCellClassification",
+    "DataCollatorForPerturbation",
+]

@@ -1,0 +1,163 @@
+"""Corpus benchmark: build a corpus from a large synthetic h5ad and stream it through a collator.
+
+    .venv/bin/python benchmarks/corpus.py                  # 200,000 cells (the issue's figure)
+    .venv/bin/python benchmarks/corpus.py --cells 50000    # smaller
+
+Steps, each printed:
+
+1. Write a synthetic ``--cells``-cell h5ad by tiling ``baron_human`` (raw counts, CSR), written in
+   chunks straight into HDF5, so the writer never holds the file in memory; and a 20,000-cell one.
+2. Build a corpus from each in a fresh subprocess (binned encoding, ``--max-length`` tokens), timing
+   it and reading that process's peak RSS: building cells/s, and whether memory grows with the file.
+3. Stream the big corpus (``load_corpus(..., streaming=True)``) through
+   ``DataCollatorForMaskedExpression`` at batch size ``--batch-size``: loading+collating cells/s.
+
+Targets from the issue (for reference, never asserted): building >= 10,000 cells/s; streaming +
+collating >= 20,000 cells/s at batch 64; builder peak RSS < 2 GB and within 20 % of the 20,000-cell
+build's. Timings on a shared machine are noisy: run it on an idle one for figures to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+BUILD_SCRIPT = r"""
+import json, resource, sys, time
+from hf_scfm.data import build_corpus
+from hf_scfm.tokenization import GeneTokenizer
+args = json.loads(sys.argv[1])
+tok = GeneTokenizer.from_species("human", encoding="binned")
+t = time.perf_counter()
+report = build_corpus(args["input"], tok, args["out"], shard_size=args["shard_size"], chunk_size=args["chunk_size"],
+                      obs_columns=["cell_type", "batch"], max_length=args["max_length"], progress=False,
+                      num_proc=args["num_proc"])
+seconds = time.perf_counter() - t
+print(json.dumps({"seconds": seconds, "cells": report.n_cells, "shards": report.n_shards,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def write_tiled_h5ad(path: str, n_cells: int, chunk: int = 10_000) -> None:
+    """A ``n_cells``-cell h5ad made of copies of baron_human, written chunk by chunk (CSR, float32)."""
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    from anndata.io import write_elem
+
+    from hf_scfm.data import load_example
+
+    base = load_example("baron_human")
+    X = base.X.tocsr()
+    n_base = X.shape[0]
+    with h5py.File(path, "w") as f:
+        f.attrs["encoding-type"] = "anndata"
+        f.attrs["encoding-version"] = "0.1.0"
+        g = f.create_group("X")
+        g.attrs["encoding-type"] = "csr_matrix"
+        g.attrs["encoding-version"] = "0.1.0"
+        g.attrs["shape"] = (n_cells, X.shape[1])
+        data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype="float32", chunks=(1 << 16,))
+        indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1 << 16,))
+        indptr = [np.zeros(1, dtype=np.int64)]
+        nnz = 0
+        for start in range(0, n_cells, chunk):
+            rows = np.arange(start, min(start + chunk, n_cells)) % n_base
+            block = X[rows]
+            data.resize((nnz + block.nnz,))
+            indices.resize((nnz + block.nnz,))
+            data[nnz:] = block.data
+            indices[nnz:] = block.indices
+            indptr.append(block.indptr[1:].astype(np.int64) + nnz)
+            nnz += block.nnz
+        g.create_dataset("indptr", data=np.concatenate(indptr))
+        rows = np.arange(n_cells) % n_base
+        obs = pd.DataFrame(
+            {"cell_type": base.obs["cell_type"].to_numpy()[rows], "batch": base.obs["batch"].to_numpy()[rows]},
+            index=[f"cell{i}" for i in range(n_cells)],
+        )
+        obs["cell_type"] = obs["cell_type"].astype("category")
+        obs["batch"] = obs["batch"].astype("category")
+        write_elem(f, "obs", obs)
+        write_elem(f, "var", base.var)
+        for key in ("layers", "obsm", "varm", "obsp", "varp"):
+            write_elem(f, key, {})
+        write_elem(f, "uns", dict(base.uns))
+    check = ad.read_h5ad(path, backed="r")
+    assert check.shape == (n_cells, X.shape[1]), check.shape
+    check.file.close()
+
+
+def build(input_path: str, out: str, args) -> dict:
+    payload = json.dumps({"input": input_path, "out": out, "shard_size": args.shard_size, "chunk_size": args.chunk_size,
+                          "max_length": args.max_length, "num_proc": args.num_proc})
+    proc = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, payload], capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def stream(corpus: str, batch_size: int, max_batches: int | None) -> dict:
+    from hf_scfm.data import DataCollatorForMaskedExpression, load_corpus
+
+    ds = load_corpus(corpus, streaming=True, columns=["input_ids", "values"]).with_format("numpy")
+    collator = DataCollatorForMaskedExpression(seed=0)
+    n_cells = n_tokens = n_batches = 0
+    t = time.perf_counter()
+    records = []
+    for rec in ds:
+        records.append(rec)
+        if len(records) == batch_size:
+            batch = collator(records)
+            n_cells += len(records)
+            n_tokens += int(batch["attention_mask"].sum())
+            n_batches += 1
+            records = []
+            if max_batches and n_batches >= max_batches:
+                break
+    seconds = time.perf_counter() - t
+    return {"seconds": seconds, "cells": n_cells, "tokens_per_cell": n_tokens / max(n_cells, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=200_000, help="cells in the big synthetic file")
+    parser.add_argument("--reference-cells", type=int, default=20_000, help="cells in the small file (memory baseline)")
+    parser.add_argument("--max-length", type=int, default=2048, help="tokens per cell sentence")
+    parser.add_argument("--shard-size", type=int, default=10_000)
+    parser.add_argument("--chunk-size", type=int, default=1_000)
+    parser.add_argument("--num-proc", type=int, default=1, help="builder processes (one file here, so 1)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-batches", type=int, default=None, help="stop streaming after this many batches")
+    parser.add_argument("--workdir", default=None, help="where to write files (default: a temporary folder)")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        big, small = os.path.join(tmp, "big.h5ad"), os.path.join(tmp, "small.h5ad")
+        t = time.perf_counter()
+        write_tiled_h5ad(big, args.cells)
+        write_tiled_h5ad(small, args.reference_cells)
+        print(f"wrote synthetic h5ad files ({args.cells:,} and {args.reference_cells:,} cells) in {time.perf_counter() - t:.1f} s")
+
+        ref = build(small, os.path.join(tmp, "corpus_small"), args)
+        res = build(big, os.path.join(tmp, "corpus_big"), args)
+        for name, r in (("reference", ref), ("big", res)):
+            print(f"build {name:9s}: {r['cells']:>9,} cells in {r['seconds']:7.1f} s = {r['cells'] / r['seconds']:8,.0f} cells/s; "
+                  f"{r['shards']} shards; builder peak RSS {r['peak_rss_mb']:,.0f} MB")
+        print(f"peak RSS big / reference: {res['peak_rss_mb'] / ref['peak_rss_mb']:.2f} (target <= 1.20, and < 2,048 MB)")
+
+        s = stream(os.path.join(tmp, "corpus_big"), args.batch_size, args.max_batches)
+        print(f"stream + DataCollatorForMaskedExpression, batch {args.batch_size}: {s['cells']:,} cells in {s['seconds']:.1f} s = "
+              f"{s['cells'] / s['seconds']:,.0f} cells/s ({s['tokens_per_cell']:.0f} tokens per cell)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

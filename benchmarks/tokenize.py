@@ -1,0 +1,107 @@
+"""Tokenization speed: the vectorised GeneTokenizer against a per-cell loop, on baron_human.
+
+    .venv/bin/python benchmarks/tokenize.py [--max-length 2048] [--repeats 3] [--dataset baron_human]
+
+For each encoding it prints cells/s of ``GeneTokenizer.__call__`` (whole dataset, ``return_tensors="np"``)
+and of a straightforward per-cell loop written the way Geneformer's tokenizer works (slice the row,
+normalise, order/sample the genes, map IDs, pad), measured in the same run, and the ratio. The loop
+reuses the tokenizer's column -> token mapping, so only per-cell work is compared. Best of ``--repeats``.
+Prints figures; never passes or fails on time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named like the standard library's ``tokenize`` module, which Python imports lazily (linecache,
+# torch): keep the script's own folder off the import path so ``import tokenize`` finds the real one.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np
+
+
+def per_cell_loop(X, lib, col_tokens, encoding, n_genes, prefix, suffix, medians=None, n_bins=51, seed=0):
+    """Geneformer-style: one cell at a time, NumPy per cell."""
+    width = len(prefix) + n_genes + len(suffix)
+    ids = np.zeros((X.shape[0], width), dtype=np.int64)
+    values = np.zeros((X.shape[0], width), dtype=np.float32)
+    for i in range(X.shape[0]):
+        row = X[i]  # slice the row (scipy CSR)
+        tok = col_tokens[row.indices]
+        keep = (tok >= 0) & (row.data > 0)
+        tok, counts = tok[keep], row.data[keep].astype(np.float64)
+        x_norm = counts / lib[i] * 10_000  # normalise
+        if encoding == "rank":
+            order = np.lexsort((tok, -(x_norm / medians[tok]).astype(np.float32)))[:n_genes]  # rank, ties by id
+            tok, vals = tok[order], np.log1p(x_norm[order])
+        else:
+            order = np.argsort(tok)
+            tok, x_norm, counts = tok[order], x_norm[order], counts[order]
+            if encoding == "binned":
+                r = np.searchsorted(np.sort(counts), counts, side="left")
+                vals = (1 + (n_bins - 1) * r // max(len(counts), 1)).astype(np.float64)
+            else:
+                vals = np.log1p(x_norm)
+            if len(tok) > n_genes:  # seeded per-cell sample
+                pick = np.sort(np.random.default_rng([seed, i]).choice(len(tok), n_genes, replace=False))
+                tok, vals = tok[pick], vals[pick]
+        sentence = list(prefix) + tok.tolist() + list(suffix)
+        ids[i, : len(sentence)] = sentence
+        values[i, len(prefix): len(prefix) + len(tok)] = vals
+    return ids, values
+
+
+def main(argv=None):
+    import hf_scfm
+    from hf_scfm.tokenization import GeneTokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="baron_human")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    adata = hf_scfm.load_example(args.dataset)
+    species = adata.uns["species"]
+    base = GeneTokenizer.from_species(species, encoding="rank")
+    t0 = time.perf_counter()
+    base.fit_medians(adata)
+    fit_s = time.perf_counter() - t0
+    colmap, report = base._column_map(adata.var_names)
+    col_tokens = np.where(colmap.rank >= 0, colmap.tokens[np.maximum(colmap.rank, 0)], -1)
+    X = adata.X.tocsr()
+    lib = adata.obs["n_counts"].to_numpy() if "n_counts" in adata.obs else np.asarray(X.sum(1)).ravel()
+    print(f"{args.dataset}: {adata.n_obs:,} cells x {adata.n_vars:,} genes, {X.nnz / adata.n_obs:.0f} expressed "
+          f"genes per cell; {report.n_tokens:,} genes map to tokens; max_length {args.max_length}")
+    print(f"fit_medians: {fit_s:.2f} s ({adata.n_obs / fit_s:,.0f} cells/s)")
+    print(f"{'encoding':<11} {'vectorised cells/s':>19} {'per-cell loop cells/s':>22} {'speed-up':>9}")
+    for encoding in ("rank", "binned", "continuous"):
+        tok = GeneTokenizer(vocab=base._tokens, encoding=encoding, species=species)
+        if encoding == "rank":
+            tok.set_medians(base.gene_medians)
+        prefix = [tok._token_to_id[t] for t in tok.prefix_tokens]
+        suffix = [tok._token_to_id[t] for t in tok.suffix_tokens]
+        n_genes = args.max_length - len(prefix) - len(suffix)
+        tok(adata[:50], max_length=args.max_length, return_tensors="np")  # warm-up
+        fast = min(_timed(lambda: tok(adata, max_length=args.max_length, return_tensors="np"))
+                   for _ in range(args.repeats))
+        medians = tok._median_array() if encoding == "rank" else None
+        slow = min(_timed(lambda: per_cell_loop(X, lib, col_tokens, encoding, n_genes, prefix, suffix, medians,
+                                                tok.n_bins)) for _ in range(max(1, args.repeats - 1)))
+        n = adata.n_obs
+        print(f"{encoding:<11} {n / fast:>19,.0f} {n / slow:>22,.0f} {slow / fast:>8.1f}x")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,664 @@
+"""Collators: turn lists of cell records into padded model batches, one class per objective.
+
+A *record* is a mapping with a variable-length ``input_ids`` (ints) and, for every objective that
+reads expression, a ``values`` of the same length (floats), as lists or NumPy arrays: exactly what a
+corpus shard holds (``{input_ids, values, length, <obs columns>, source_file}``) or what
+``GeneTokenizer(..., padding=False)`` returns per cell. A record may also carry an ``attention_mask``
+(1 = real token); without one every position is real.
+
+Every collator returns a ``dict`` of torch tensors: ``input_ids`` int64 [B, L], ``values`` float32
+[B, L], ``attention_mask`` int64 [B, L], padded on the RIGHT with ``<pad>`` (id 0) and value 0.0 to
+the longest cell of the batch (rounded up to ``pad_to_multiple_of`` when given), plus the objective's
+targets, following the contracts the models consume:
+
+=============================================  ===================================================
+:class:`DataCollatorForNextGene`               ``labels`` = ``input_ids``, padding -> -100
+:class:`DataCollatorForGeneMLM`                15 % of gene tokens chosen; 80 % ``<mask>``, 10 %
+                                               random gene, 10 % kept; ``labels`` -100 elsewhere
+:class:`DataCollatorForMaskedExpression`       a fraction of gene values -> ``MASK_VALUE`` in
+                                               ``values``; float ``labels`` = original bins there,
+                                               -100.0 elsewhere
+:class:`DataCollatorForMaskedRegression`       as above on continuous values, 20 % (CellFM)
+:class:`DataCollatorForCellClassification`     ``labels`` int64 [B] through a ``label2id`` map
+:class:`DataCollatorForPerturbation`           control ``values``, ``perturbation_flags``, float
+                                               ``labels`` = perturbed-cell values
+=============================================  ===================================================
+
+Choices, and why:
+
+* **Only gene tokens are ever masked.** A position is eligible when it is real (attention mask 1) and
+  its id is a gene id (>= 6, after the six special tokens). ``<pad>``, ``<mask>``, ``<cls>``,
+  ``<eos>``, ``<unk>`` and ``<bos>`` never are.
+* **Exact counts, not coin flips.** Each cell gets exactly ``k = floor(fraction * n + 0.5)`` masked
+  genes out of its ``n`` eligible ones, and at least one when ``n >= 1``. Per-position Bernoulli
+  draws (BERT's way) let small cells end up with no target at all and make the fraction noisy; an
+  exact count keeps every cell in the loss and makes the fraction testable.
+* **Randomness is per cell, not per batch.** Which positions a cell gets masked depends only on
+  ``(seed, epoch, the cell's content)``: the collator hashes each cell's ``input_ids`` and ``values``
+  to a 64-bit key and draws counter-based uniforms (a splitmix64 hash of key and position). So the
+  same cell gets the same mask whatever batch, padding length, worker process or machine it lands
+  in, and the same seed always reproduces the same batches. Two cells with identical content get
+  identical masks. For fresh masks each epoch (dynamic masking) call ``collator.set_epoch(epoch)``,
+  e.g. from a ``TrainerCallback.on_epoch_begin``; the epoch is part of the hash.
+* Every collator is a plain picklable object holding no torch generator, so DataLoader workers can
+  use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..tokenization.special_tokens import (
+    IGNORE_INDEX,
+    MASK_TOKEN_ID,
+    MASK_VALUE,
+    PAD_TOKEN_ID,
+    SPECIAL_TOKENS,
+    SPECIAL_VALUE,
+)
+
+__all__ = [
+    "DataCollatorForNextGene",
+    "DataCollatorForGeneMLM",
+    "DataCollatorForMaskedExpression",
+    "DataCollatorForMaskedRegression",
+    "DataCollatorForCellClassification",
+    "DataCollatorForPerturbation",
+]
+
+#: The first id of a gene token; every id below it is a special token.
+FIRST_GENE_ID = len(SPECIAL_TOKENS)
+
+# ---------------------------------------------------------------------------------------------
+# counter-based randomness (splitmix64): uniforms that depend only on (seed, epoch, cell, position)
+# ---------------------------------------------------------------------------------------------
+_U64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on a uint64 array (wrap-around arithmetic is intended)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _mix64_int(x: int) -> int:
+    """splitmix64 finaliser on a Python int (for scalar stream constants)."""
+    x &= _U64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    return x ^ (x >> 31)
+
+
+def _cell_keys(ids: np.ndarray, values: np.ndarray | None) -> np.ndarray:
+    """A 64-bit key per row from its tokens' ids, values and positions.
+
+    Padding (id 0, value 0.0) adds nothing, so the key does not depend on how far a row is padded.
+    Position-weighted sums (odd 32-bit weights, wrap-around arithmetic: exact and identical on every
+    machine) keep the sentence order in the key, since the rank encoding's order carries information;
+    the final mix spreads the sums over all 64 bits.
+    """
+    length = ids.shape[1]
+    weights = (np.arange(1, length + 1, dtype=np.uint64) * np.uint64(_GOLDEN) >> np.uint64(32)).astype(np.uint32)
+    weights |= np.uint32(1)
+    key = (ids.astype(np.uint32) * weights[None, :]).sum(axis=1, dtype=np.uint64)
+    if values is not None:
+        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        key = _mix64(key) ^ ((bits * (weights ^ np.uint32(0x9E3779B9))[None, :]).sum(axis=1, dtype=np.uint64) << np.uint64(20))
+    return _mix64(key)
+
+
+def _uniforms(keys: np.ndarray, length: int, seed: int, epoch: int, stream: int) -> np.ndarray:
+    """Uniform floats in [0, 1), shape [B, length]; entry (b, j) depends on (seed, epoch, stream, keys[b], j).
+
+    splitmix64: row b's state starts at a mix of its key with the (seed, epoch, stream) constant and
+    advances by the golden-ratio increment per position; each output is the finaliser of the state.
+    """
+    base = _mix64_int(_mix64_int(_mix64_int(seed) ^ (epoch * _GOLDEN)) ^ (stream + 1) * 0xD1B54A32D192ED03)
+    start = _mix64(keys ^ np.uint64(base))
+    pos = np.arange(1, length + 1, dtype=np.uint64) * np.uint64(_GOLDEN)
+    x = _mix64(start[:, None] + pos[None, :])
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _choose_exact(eligible: np.ndarray, u: np.ndarray, fraction) -> np.ndarray:
+    """Boolean [B, L]: in each row exactly ``max(1, floor(fraction * n + 0.5))`` of the ``n`` eligible
+    positions (none when ``n == 0``): the ones with the smallest uniforms ``u``."""
+    n = eligible.sum(axis=1)
+    k = np.floor(np.asarray(fraction) * n + 0.5).astype(np.int64)
+    k = np.where(n > 0, np.clip(k, 1, np.maximum(n, 1)), 0)
+    scores = np.where(eligible, u, 2.0)
+    # The k-th smallest score of each row by selection (O(L) per row; a full argsort is O(L log L)).
+    kth = np.array([np.partition(row, kb - 1)[kb - 1] if kb else -1.0 for row, kb in zip(scores, k)])
+    chosen = scores <= kth[:, None]
+    for b in np.flatnonzero(chosen.sum(axis=1) != k):  # tied uniforms (chance ~L^2 / 2^54): stable order
+        chosen[b] = False
+        chosen[b, np.argsort(scores[b], kind="stable")[: k[b]]] = True
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# shared padding
+# ---------------------------------------------------------------------------------------------
+class _Cells:
+    """Uniform access to a batch of cells given either as a list of records (mappings, one per cell:
+    what a ``DataLoader`` over a dataset passes) or as columns (a mapping of per-cell lists, a
+    ``pyarrow.Table`` / ``RecordBatch``: what ``Dataset.iter(batch_size)`` or an Arrow-formatted
+    dataset yields). The columnar form skips per-cell Python objects entirely: list columns are read
+    as one flat array plus lengths."""
+
+    def __init__(self, cells):
+        self.table = None
+        self.columns = None
+        self.records = None
+        if hasattr(cells, "column_names") and hasattr(cells, "num_rows"):  # pyarrow Table / RecordBatch
+            self.table, self.n = cells, cells.num_rows
+        elif isinstance(cells, Mapping):
+            if "input_ids" not in cells:
+                raise ValueError(f"A columnar batch needs an 'input_ids' column (got {sorted(cells)}).")
+            self.columns, self.n = cells, len(cells["input_ids"])
+        elif isinstance(cells, Sequence) and not isinstance(cells, (str, bytes)):
+            self.records, self.n = cells, len(cells)
+            for i, rec in enumerate(cells):
+                if not isinstance(rec, Mapping) or "input_ids" not in rec:
+                    keys = sorted(rec) if isinstance(rec, Mapping) else type(rec).__name__
+                    raise ValueError(
+                        f"Record {i} has no 'input_ids' (got {keys}). Records come from the tokenizer or a corpus shard."
+                    )
+        else:
+            raise ValueError(f"A collator takes a list of records or a columnar batch, got {type(cells).__name__}.")
+        if self.n == 0:
+            raise ValueError("A collator takes a non-empty batch (a list of records, one mapping per cell).")
+
+    def has(self, key: str) -> bool:
+        """True when every cell has a non-null ``key``."""
+        if self.table is not None:
+            return key in self.table.column_names and self.table.column(key).null_count == 0
+        if self.columns is not None:
+            return key in self.columns and all(v is not None for v in self.columns[key])
+        return all(rec.get(key) is not None for rec in self.records)
+
+    def any(self, key: str) -> bool:
+        """True when at least one cell has a non-null ``key``."""
+        if self.records is None:
+            return self.has(key)
+        return any(rec.get(key) is not None for rec in self.records)
+
+    def first_without(self, key: str) -> int:
+        if self.records is None:
+            return 0
+        return next(i for i, rec in enumerate(self.records) if rec.get(key) is None)
+
+    def keys_of(self, index: int) -> list[str]:
+        if self.table is not None:
+            return list(self.table.column_names)
+        if self.columns is not None:
+            return sorted(self.columns)
+        return sorted(self.records[index])
+
+    def column(self, key: str) -> list:
+        """One Python value per cell (labels, gene lists)."""
+        if self.table is not None:
+            return self.table.column(key).to_pylist()
+        if self.columns is not None:
+            return list(self.columns[key])
+        return [rec[key] for rec in self.records]
+
+    def ragged(self, key: str, dtype, default_lengths=None, default=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(flat values, lengths)`` of a per-cell sequence column; records lacking ``key`` get
+        ``default`` repeated ``default_lengths[i]`` times when given."""
+        if self.table is not None:
+            import pyarrow as pa
+
+            arr = self.table.column(key)
+            arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+            if not pa.types.is_list(arr.type) and not pa.types.is_large_list(arr.type):
+                raise ValueError(f"Column {key!r} must hold one sequence per cell, got Arrow type {arr.type}.")
+            flat = arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+            return flat, arr.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+        if self.columns is not None:
+            rows = self.columns[key]
+        elif default_lengths is None:
+            rows = [rec[key] for rec in self.records]
+        else:
+            rows = [rec[key] if rec.get(key) is not None else np.full(n, default) for rec, n in zip(self.records, default_lengths)]
+        arrays = []
+        for i, row in enumerate(rows):
+            arr = np.asarray(row, dtype=dtype)
+            if arr.ndim != 1:
+                raise ValueError(
+                    f"Record {i}: {key!r} must be a 1-D sequence (one cell), got shape {arr.shape}. "
+                    "Pass one record per cell (e.g. the rows of a corpus shard), not a batch."
+                )
+            arrays.append(arr)
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        return np.concatenate(arrays), lengths
+
+
+def _scatter(flat: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape, fill, dtype) -> np.ndarray:
+    out = np.full(shape, fill, dtype=dtype)
+    out[rows, cols] = flat
+    return out
+
+
+def _pad_records(
+    records,
+    *,
+    need_values: bool,
+    pad_to_multiple_of: int | None,
+    extra_float_keys: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
+    """Right-pad ``input_ids`` (with ``<pad>``), ``values`` (with 0.0), ``attention_mask`` (with 0) and
+    any ``extra_float_keys`` (with 0.0) to the longest cell, as NumPy arrays.
+
+    Works on flat arrays: every column becomes one concatenated array plus per-cell lengths, which
+    one vectorised scatter writes into the padded matrix (no per-cell Python work for Arrow input).
+    """
+    cells = records if isinstance(records, _Cells) else _Cells(records)
+    ids, lengths = cells.ragged("input_ids", np.int64)
+    has_values = cells.has("values")
+    if not has_values and need_values:
+        i = cells.first_without("values")
+        raise ValueError(
+            f"Record {i} has no 'values', which this objective needs. Build the corpus with the "
+            "tokenizer's values kept (every hf-scfm encoding writes them)."
+        )
+    batch, length = cells.n, int(lengths.max())
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    rows = np.repeat(np.arange(batch), lengths)
+    starts = np.cumsum(lengths) - lengths
+    cols = np.arange(len(ids)) - np.repeat(starts, lengths)
+
+    def ragged_matching(key, dtype, default=None):
+        flat, n = cells.ragged(key, dtype, None if default is None else lengths, default)
+        if not np.array_equal(n, lengths):
+            i = int(np.flatnonzero(n != lengths)[0])
+            raise ValueError(f"Record {i}: {key!r} has {n[i]} entries but 'input_ids' has {lengths[i]}; they must match.")
+        return flat
+
+    shape = (batch, length)
+    out = {"input_ids": _scatter(ids, rows, cols, shape, PAD_TOKEN_ID, np.int64)}
+    given_mask = cells.any("attention_mask")
+    if given_mask:
+        out["attention_mask"] = _scatter(ragged_matching("attention_mask", np.int64, 1), rows, cols, shape, 0, np.int64)
+    else:
+        out["attention_mask"] = _scatter(1, rows, cols, shape, 0, np.int64)
+    if has_values:
+        out["values"] = _scatter(ragged_matching("values", np.float32), rows, cols, shape, SPECIAL_VALUE, np.float32)
+    for key in extra_float_keys:
+        if not cells.has(key):
+            i = cells.first_without(key)
+            raise ValueError(f"Record {i} has no {key!r} column (record keys: {cells.keys_of(i)}).")
+        out[key] = _scatter(ragged_matching(key, np.float32), rows, cols, shape, 0.0, np.float32)
+    if given_mask:  # padding inside a record (padded by the tokenizer) follows the contract too
+        pad = out["attention_mask"] == 0
+        out["input_ids"][pad] = PAD_TOKEN_ID
+        if has_values:
+            out["values"][pad] = SPECIAL_VALUE
+    return out
+
+
+def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+def _check_fraction(fraction, name: str) -> tuple[float, float]:
+    lo, hi = (fraction, fraction) if np.isscalar(fraction) else tuple(fraction)
+    if not (0.0 < lo <= hi <= 1.0):
+        raise ValueError(f"{name} must be a fraction in (0, 1] or a (low, high) range inside it, got {fraction!r}.")
+    return float(lo), float(hi)
+
+
+class _SeededCollator:
+    """Shared seeding and padding: subclasses implement :meth:`_collate` on padded NumPy arrays."""
+
+    needs_values = True
+
+    def __init__(self, *, seed: int = 0, pad_to_multiple_of: int | None = None):
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of}.")
+        self.seed = int(seed)
+        self.epoch = 0
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the masks drawn from now on (the epoch is part of every cell's random stream)."""
+        self.epoch = int(epoch)
+
+    def _pad(self, records, extra_float_keys=()) -> dict[str, np.ndarray]:
+        """Padded NumPy arrays of a batch (a list of records, a columnar batch, or a :class:`_Cells`)."""
+        return _pad_records(
+            records,
+            need_values=self.needs_values,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            extra_float_keys=extra_float_keys,
+        )
+
+    def _eligible(self, batch) -> np.ndarray:
+        return (batch["attention_mask"] == 1) & (batch["input_ids"] >= FIRST_GENE_ID)
+
+    def _draw(self, batch, stream: int, length: int | None = None) -> np.ndarray:
+        """Uniforms [B, length or L] of random stream ``stream`` for the batch's cells (keys cached in the batch)."""
+        if "_keys" not in batch:
+            batch["_keys"] = _cell_keys(batch["input_ids"], batch.get("values"))
+        length = batch["input_ids"].shape[1] if length is None else length
+        return _uniforms(batch["_keys"], length, self.seed, self.epoch, stream)
+
+    def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self._collate(records)
+        batch.pop("_keys", None)
+        return _to_torch(batch)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+# ---------------------------------------------------------------------------------------------
+# the objectives
+# ---------------------------------------------------------------------------------------------
+class DataCollatorForNextGene(_SeededCollator):
+    """Next-gene prediction (Mouse-GeneMamba): ``labels`` = ``input_ids`` with padding set to -100.
+
+    The causal model shifts the labels inside its forward, as every Hugging Face causal LM does, so
+    the ``<bos>`` at position 0 is never a target and ``<eos>`` is (the model learns where a cell
+    sentence ends). ``values`` are optional here (the "without expression" ablation needs none);
+    when no record has them the batch has no ``values`` key. Nothing is random.
+    """
+
+    needs_values = False
+
+    def __init__(self, *, pad_to_multiple_of: int | None = None):
+        super().__init__(seed=0, pad_to_multiple_of=pad_to_multiple_of)
+
+    def _collate(self, records):
+        batch = self._pad(records)
+        batch["labels"] = np.where(batch["attention_mask"] == 1, batch["input_ids"], IGNORE_INDEX)
+        return batch
+
+
+class DataCollatorForGeneMLM(_SeededCollator):
+    """Gene masked-language modelling (BERT-style, the Mouse-GeneMamba MLM variant).
+
+    In each cell exactly ``floor(mlm_probability * n_genes + 0.5)`` gene tokens (at least one) are
+    chosen. Of the chosen, by a per-position draw: 80 % become ``<mask>``, 10 % a random gene token
+    (uniform over ids ``6 .. vocab_size - 1``), 10 % stay unchanged. ``labels`` hold the original id
+    at chosen positions and -100 elsewhere. ``values`` pass through untouched (the expression of a
+    masked gene is still an input, as in the paper's expression-aware model).
+
+    Args:
+        tokenizer: a ``GeneTokenizer`` (only ``len(tokenizer)`` is read), or pass ``vocab_size``.
+        vocab_size: size of the vocabulary; random replacements are drawn below it.
+        mlm_probability: fraction of gene tokens chosen per cell (default 0.15).
+        seed: random seed (see the module docstring: masks depend on seed, epoch and cell).
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+    """
+
+    needs_values = False
+
+    def __init__(self, tokenizer=None, *, vocab_size: int | None = None, mlm_probability: float = 0.15,
+                 seed: int = 0, pad_to_multiple_of: int | None = None):
+        super().__init__(seed=seed, pad_to_multiple_of=pad_to_multiple_of)
+        if vocab_size is None:
+            if tokenizer is None:
+                raise ValueError("DataCollatorForGeneMLM needs the vocabulary size: pass tokenizer=... or vocab_size=....")
+            vocab_size = len(tokenizer)
+        if vocab_size <= FIRST_GENE_ID:
+            raise ValueError(f"vocab_size must exceed the {FIRST_GENE_ID} special tokens, got {vocab_size}.")
+        self.vocab_size = int(vocab_size)
+        self.mlm_probability = _check_fraction(mlm_probability, "mlm_probability")[0]
+
+    def _collate(self, records):
+        batch = self._pad(records)
+        ids = batch["input_ids"]
+        if ids.max() >= self.vocab_size:
+            raise ValueError(
+                f"A record holds token id {int(ids.max())} but vocab_size is {self.vocab_size}: the corpus was "
+                "built with a different tokenizer. Use the tokenizer the corpus was built with."
+            )
+        chosen = _choose_exact(self._eligible(batch), self._draw(batch, 0), np.float64(self.mlm_probability))
+        action = self._draw(batch, 1)
+        random_ids = FIRST_GENE_ID + np.floor(self._draw(batch, 2) * (self.vocab_size - FIRST_GENE_ID)).astype(np.int64)
+        batch["labels"] = np.where(chosen, ids, IGNORE_INDEX)
+        new_ids = np.where(chosen & (action < 0.8), MASK_TOKEN_ID, ids)
+        batch["input_ids"] = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, new_ids)
+        return batch
+
+
+class _MaskedValueCollator(_SeededCollator):
+    """Masks a fraction of gene values with ``MASK_VALUE``; float labels hold the originals."""
+
+    default_fraction: float = 0.15
+    fraction_name = "mask_fraction"
+
+    def __init__(self, *, mask_fraction=None, seed: int = 0, pad_to_multiple_of: int | None = None):
+        super().__init__(seed=seed, pad_to_multiple_of=pad_to_multiple_of)
+        self.mask_fraction = self.default_fraction if mask_fraction is None else mask_fraction
+        self._range = _check_fraction(self.mask_fraction, "mask_fraction")
+
+    def _collate(self, records):
+        batch = self._pad(records)
+        lo, hi = self._range
+        frac = np.full(len(batch["input_ids"]), lo)
+        if hi > lo:  # per-cell fraction, drawn from the cell's own stream
+            frac = lo + (hi - lo) * self._draw(batch, 3, length=1)[:, 0]
+        chosen = _choose_exact(self._eligible(batch), self._draw(batch, 0), frac)
+        values = batch["values"]
+        labels = np.full_like(values, IGNORE_INDEX)
+        labels[chosen] = values[chosen]
+        values[chosen] = MASK_VALUE
+        batch["labels"] = labels
+        return batch
+
+
+class DataCollatorForMaskedExpression(_MaskedValueCollator):
+    """Masked expression modelling on binned values (SC-MAMBA2).
+
+    In each cell a fraction of the gene positions (``<cls>``, other specials and padding excluded)
+    get ``values = MASK_VALUE`` (-1.0); the model swaps in its mask embedding there. ``labels``
+    float32 [B, L] hold the original bin at masked positions and -100.0 elsewhere; the loss is MSE
+    over ``labels != -100``. ``input_ids`` are untouched: the model knows which gene it predicts.
+
+    Args:
+        mask_fraction: fraction of gene positions masked per cell, or a ``(low, high)`` range from
+            which each cell draws its own fraction (seeded, per cell). Default 0.4: the SPEC allows
+            15-40 %; SC-MAMBA2 follows scGPT, whose masked-value training uses 0.4. Pass
+            ``(0.15, 0.4)`` to spread cells over the whole range.
+        seed: random seed (masks depend on seed, epoch and cell content only).
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+    """
+
+    default_fraction = 0.4
+
+
+class DataCollatorForMaskedRegression(_MaskedValueCollator):
+    """Masked regression on continuous ``log1p`` values (CellFM): 20 % of real genes by default.
+
+    Same output as :class:`DataCollatorForMaskedExpression`: masked ``values`` set to ``MASK_VALUE``,
+    float32 ``labels`` with the original value at masked positions and -100.0 elsewhere.
+
+    Args:
+        mask_fraction: fraction of gene positions masked per cell, or a ``(low, high)`` range (default 0.2, as CellFM).
+        seed: random seed (masks depend on seed, epoch and cell content only).
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+    """
+
+    default_fraction = 0.2
+
+
+class DataCollatorForCellClassification(_SeededCollator):
+    """Cell classification: pads the cells and maps ``record[label_column]`` to ``labels`` int64 [B].
+
+    The label map ``label2id`` is given, fitted with :meth:`fit` (sorted labels -> 0..K-1, so the same
+    labels always give the same ids), or loaded with :meth:`from_config` / :meth:`load_label_map`.
+    Save it with the model by :meth:`update_config` (sets ``config.label2id``, ``config.id2label``,
+    ``config.num_labels``, which ``save_pretrained`` writes into ``config.json``) or as JSON with
+    :meth:`save_label_map`. A label missing from the map raises a ``ValueError`` naming the label and
+    the column (a cell type never seen in training cannot be scored). Without a map, integer labels
+    pass through as ids.
+
+    With the ``transformers.Trainer``, keep the label column in the batches: either set
+    ``remove_unused_columns=False`` or name the column ``"label"`` (which the Trainer keeps).
+
+    Args:
+        label_column: the record key holding the label (an obs column written by the corpus builder).
+        label2id: ``{label: id}``; ids must be 0..K-1.
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+    """
+
+    def __init__(self, label_column: str = "cell_type", label2id: Mapping[Any, int] | None = None, *,
+                 pad_to_multiple_of: int | None = None):
+        super().__init__(seed=0, pad_to_multiple_of=pad_to_multiple_of)
+        self.label_column = label_column
+        self.label2id = None if label2id is None else self._checked_map(label2id)
+
+    @staticmethod
+    def _checked_map(label2id: Mapping[Any, int]) -> dict[Any, int]:
+        mapping = {k: int(v) for k, v in label2id.items()}
+        if sorted(mapping.values()) != list(range(len(mapping))):
+            raise ValueError(f"label2id must map the labels onto 0..{len(mapping) - 1} exactly once each, got {mapping}.")
+        return mapping
+
+    @property
+    def id2label(self) -> dict[int, Any]:
+        if self.label2id is None:
+            raise ValueError("No label map yet: pass label2id=..., call fit(labels), or load one (from_config / load_label_map).")
+        return {i: label for label, i in self.label2id.items()}
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    def fit(self, labels) -> DataCollatorForCellClassification:
+        """Build ``label2id`` from the training labels (an iterable of labels, or a dataset/records
+        holding ``label_column``): the sorted distinct labels get ids 0..K-1."""
+        if hasattr(labels, "column_names"):
+            if self.label_column not in labels.column_names:
+                raise ValueError(f"Label column {self.label_column!r} not in the dataset (columns: {labels.column_names}).")
+            labels = labels[self.label_column]
+        labels = [lab[self.label_column] if isinstance(lab, Mapping) else lab for lab in labels]
+        distinct = sorted({(x.item() if isinstance(x, np.generic) else x) for x in labels}, key=lambda x: (str(type(x)), x))
+        if not distinct:
+            raise ValueError("fit() got no labels.")
+        self.label2id = {label: i for i, label in enumerate(distinct)}
+        return self
+
+    def update_config(self, config) -> None:
+        """Write the label map into a model config (``label2id``, ``id2label``, ``num_labels``)."""
+        config.num_labels = self.num_labels
+        config.id2label = {i: str(label) for i, label in self.id2label.items()}
+        config.label2id = {str(label): i for label, i in self.label2id.items()}
+
+    @classmethod
+    def from_config(cls, config, label_column: str = "cell_type", **kwargs) -> DataCollatorForCellClassification:
+        """The collator for a fine-tuned model: the label map comes from ``config.id2label``."""
+        id2label = getattr(config, "id2label", None)
+        if not id2label:
+            raise ValueError("The config has no id2label; it was not saved by a fine-tuned classifier.")
+        return cls(label_column, {label: int(i) for i, label in id2label.items()}, **kwargs)
+
+    def save_label_map(self, path: str | os.PathLike) -> None:
+        """Write ``{"label_column": ..., "label2id": {...}}`` as JSON (labels as strings)."""
+        if self.label2id is None:
+            raise ValueError("No label map to save: pass label2id=... or call fit(labels) first.")
+        payload = {"label_column": self.label_column, "label2id": {str(k): v for k, v in self.label2id.items()}}
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2, sort_keys=True)
+
+    @classmethod
+    def load_label_map(cls, path: str | os.PathLike, **kwargs) -> DataCollatorForCellClassification:
+        """The collator whose label map was written by :meth:`save_label_map`."""
+        with open(path, encoding="utf-8") as fh:
+            payload = json.load(fh)
+        return cls(payload["label_column"], payload["label2id"], **kwargs)
+
+    def _label_id(self, label, index: int) -> int:
+        if isinstance(label, np.generic):
+            label = label.item()
+        if self.label2id is None:
+            if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and label >= 0:
+                return int(label)
+            raise ValueError(
+                f"Label {label!r} in column {self.label_column!r} is not an integer id and there is no label map: "
+                "pass label2id=..., or call fit(train_labels) first."
+            )
+        try:
+            return self.label2id[label]
+        except KeyError:
+            key = str(label)
+            if key in self.label2id:  # maps loaded from JSON / config have string keys
+                return self.label2id[key]
+            raise ValueError(
+                f"Label {label!r} (record {index}) in column {self.label_column!r} was not seen in training; the model "
+                f"knows {len(self.label2id)} labels: {sorted(map(str, self.label2id))}. Drop those cells or "
+                "re-train with them."
+            ) from None
+
+    def _collate(self, records):
+        cells = _Cells(records)
+        if not cells.has(self.label_column):
+            i = cells.first_without(self.label_column)
+            raise ValueError(
+                f"Record {i} has no label column {self.label_column!r} (record keys: {cells.keys_of(i)}). Build the "
+                "corpus with --obs-columns including it, or pass label_column=... naming the right column. With "
+                "the Trainer, set remove_unused_columns=False (or name the column 'label')."
+            )
+        batch = self._pad(cells)
+        labels = cells.column(self.label_column)
+        batch["labels"] = np.array([self._label_id(label, i) for i, label in enumerate(labels)], dtype=np.int64)
+        return batch
+
+
+class DataCollatorForPerturbation(_SeededCollator):
+    """Perturbation prediction: control-cell input, perturbed-cell target, per-position flags.
+
+    Each record holds ``input_ids`` and ``values`` of a *control* cell, ``target_column`` (default
+    ``"target_values"``) with the *perturbed* cell's values at the same genes (same length), and
+    either ``perturbation_flags`` (0/1 per position) or ``perturbed_genes_column`` (default
+    ``"perturbed_gene_ids"``: the token ids of the perturbed genes; empty for a control). Output:
+    ``input_ids``, ``values`` (control), ``attention_mask``, ``perturbation_flags`` int64 [B, L] (1 where
+    the position's gene is perturbed), ``labels`` float32 [B, L] = target values at gene positions,
+    -100.0 at padding and special tokens. A perturbed gene absent from the control sentence gets no
+    flag: build perturbation sentences with ``include_zero_genes`` so every gene has a position.
+    """
+
+    def __init__(self, *, target_column: str = "target_values", perturbed_genes_column: str = "perturbed_gene_ids",
+                 pad_to_multiple_of: int | None = None):
+        super().__init__(seed=0, pad_to_multiple_of=pad_to_multiple_of)
+        self.target_column = target_column
+        self.perturbed_genes_column = perturbed_genes_column
+
+    def _collate(self, records):
+        cells = _Cells(records)
+        use_flags = cells.has("perturbation_flags")
+        extra = [self.target_column] + (["perturbation_flags"] if use_flags else [])
+        batch = self._pad(cells, extra_float_keys=extra)
+        target = batch.pop(self.target_column)
+        if use_flags:
+            flags = batch.pop("perturbation_flags").astype(np.int64)
+        else:
+            if not cells.has(self.perturbed_genes_column):
+                i = cells.first_without(self.perturbed_genes_column)
+                raise ValueError(
+                    f"Record {i} has neither 'perturbation_flags' nor {self.perturbed_genes_column!r} (record keys: "
+                    f"{cells.keys_of(i)}). Give the perturbed genes' token ids (empty for a control cell)."
+                )
+            flags = np.zeros_like(batch["input_ids"])
+            for i, genes in enumerate(cells.column(self.perturbed_genes_column)):
+                flags[i] = np.isin(batch["input_ids"][i], np.asarray(genes, dtype=np.int64).reshape(-1))
+        eligible = self._eligible(batch)
+        if ((flags != 0) & ~eligible).any():
+            raise ValueError("perturbation_flags mark a special-token or padding position; only gene positions can be perturbed.")
+        batch["perturbation_flags"] = (flags != 0).astype(np.int64) * eligible
+        batch["labels"] = np.where(eligible, target, np.float32(IGNORE_INDEX)).astype(np.float32)
+        return batch

@@ -1,0 +1,636 @@
+"""Building a tokenized corpus: h5ad files / folders / AnnData -> Parquet shards + a dataset card.
+
+Layout of a corpus folder (a valid Hub dataset repo, loadable with ``load_dataset(<folder>)``,
+``load_dataset("parquet", data_dir=<folder>)`` or :func:`hf_scfm.data.load_corpus`)::
+
+    README.md                                   dataset card: dataset_info features, tokenizer
+                                                settings, cells per source and per label
+    tokenizer/                                  the tokenizer the corpus was built with
+    data/train-<source:05d>-<shard:05d>.parquet one row per cell
+
+Each row: ``input_ids`` (list of int32), ``values`` (list of float32), ``length`` (int32: tokens
+including special tokens, what the Trainer's length grouping reads), ``cell_id`` (the obs name),
+the chosen obs columns, and ``source_file``. Unpadded: collators pad per batch.
+
+Choices, and why:
+
+* **Streaming reads.** Each file is opened in backed mode and read ``chunk_size`` cells at a time,
+  so memory depends on the chunk, not the file or corpus size. Each chunk becomes one Parquet row
+  group; ``shard_size`` cells make one shard file.
+* **Deterministic shards.** Shard ``k`` of source ``i`` always holds cells ``[k * shard_size,
+  (k + 1) * shard_size)`` of that source, cut into the same chunks, and every encoding is seeded per
+  cell, so re-running gives byte-identical files.
+* **Resumable and atomic.** A shard is written to a hidden temporary file in ``data/`` and renamed
+  into place once complete (``os.replace`` is atomic), so a loader never sees half a shard. A re-run
+  keeps every finished shard whose footer says it was built from the same source, cell range and
+  tokenizer settings, and rebuilds the rest. Leftover temporary files are removed.
+* **Metadata in the footer.** Each shard's Parquet key-value metadata holds (key ``hf_scfm``) the
+  tokenizer settings, its source and cell range and label counts. The loader validates a corpus and
+  the card is written from the footers alone, without reading cell data.
+* **Parallel by file.** ``num_proc > 1`` builds several sources at once in spawned processes (safe
+  with torch and threads, unlike fork); each loads the tokenizer saved in ``out_dir/tokenizer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .loading import DATA_DIR, METADATA_KEY, CorpusFormatError, read_shard_metadata
+
+__all__ = ["build_corpus", "CorpusBuildReport", "tokenizer_settings"]
+
+FORMAT_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+_TMP_PREFIX = ".tmp-"
+#: Label columns with more distinct values than this are not tabulated in the card.
+MAX_LABELS_IN_CARD = 200
+
+
+@dataclass
+class CorpusBuildReport:
+    """What :func:`build_corpus` did."""
+
+    out_dir: str
+    n_cells: int
+    n_shards: int
+    shards_written: int
+    shards_skipped: int
+    cells_per_source: dict[str, int] = field(default_factory=dict)
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- tokenizer handling
+def tokenizer_settings(tokenizer) -> dict[str, Any]:
+    """The JSON-able settings that decide what a tokenizer writes (compared across shards and on resume).
+
+    The tokenizer's init kwargs (encoding, n_bins, seed, prefix/suffix tokens, ...), its vocabulary
+    size and checksum, and for the rank encoding a checksum of the fitted gene medians. Settings that
+    do not change the output (``chunk_size``, file names) are left out.
+    """
+    settings: dict[str, Any] = {"tokenizer_class": type(tokenizer).__name__, "vocab_size": len(tokenizer)}
+    for key, value in dict(getattr(tokenizer, "init_kwargs", {}) or {}).items():
+        if key.startswith("_") or key in _SETTINGS_IGNORED:
+            continue
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        settings[key] = value
+    settings["vocab_checksum"] = getattr(tokenizer, "vocab_checksum", None)
+    medians = getattr(tokenizer, "gene_medians", None)
+    if settings.get("encoding") == "rank" and medians:
+        blob = json.dumps(sorted(medians.items())).encode()
+        settings["medians_checksum"] = hashlib.sha256(blob).hexdigest()
+    return settings
+
+
+_SETTINGS_IGNORED = {
+    "name_or_path", "vocab_file", "tokenizer_file", "medians_file", "special_tokens_map_file",
+    "added_tokens_decoder", "chunk_size", "vocab", "tokenizer_object",
+}
+
+
+def _load_tokenizer(path: str):
+    from ..tokenization import GeneTokenizer
+
+    return GeneTokenizer.from_pretrained(path)
+
+
+def _tokenize_chunk(tokenizer, counts, gene_ids, n_counts, max_length: int | None):
+    """Tokenize one chunk of counts; return (offsets int32 [n+1], flat ids int32, flat values float32, lengths int32).
+
+    The tokenizer pads the chunk (right padding, as its contract says); the real tokens are taken
+    out row by row into flat arrays, which become Arrow list columns without a Python loop.
+    """
+    enc = tokenizer(counts, gene_ids=gene_ids, n_counts=n_counts, max_length=max_length, padding=True,
+                    truncation=True, return_tensors="np")
+    ids, values, mask = (np.asarray(enc[k]) for k in ("input_ids", "values", "attention_mask"))
+    real = mask.astype(bool)
+    if real.shape[1] > 1 and (real[:, 1:] & ~real[:, :-1]).any():
+        raise RuntimeError("The tokenizer returned left padding; the corpus builder expects right padding.")
+    lengths = real.sum(axis=1).astype(np.int32)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets, ids[real].astype(np.int32), values[real].astype(np.float32), lengths
+
+
+# --------------------------------------------------------------------------- sources
+@dataclass
+class _Source:
+    index: int
+    name: str
+    path: str | None
+    adata: Any
+    n_cells: int
+
+
+def _expand_inputs(inputs) -> list[tuple[str | None, str | None, Any]]:
+    """``(name or None, path or None, adata or None)`` per input; folders expand to their sorted .h5ad files."""
+    if isinstance(inputs, (str, os.PathLike)) or hasattr(inputs, "obs"):
+        inputs = [inputs]
+    items = list(inputs.items()) if isinstance(inputs, Mapping) else [(None, x) for x in inputs]
+    out = []
+    for name, item in items:
+        if hasattr(item, "obs") and hasattr(item, "X"):
+            out.append((name, None, item))
+            continue
+        path = os.fspath(item)
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(root, f)
+                for root, _, files in os.walk(path)
+                for f in files
+                if f.endswith(".h5ad") and not f.startswith(".")
+            )
+            if not found:
+                raise FileNotFoundError(f"The folder {path!r} holds no .h5ad files.")
+            out.extend((None, f, None) for f in found)
+        elif os.path.isfile(path):
+            if not path.endswith(".h5ad"):
+                raise ValueError(f"Input {path!r} is not an .h5ad file; inputs are .h5ad files, folders of them, or AnnData.")
+            out.append((name, path, None))
+        else:
+            raise FileNotFoundError(f"Input {path!r} does not exist.")
+    if not out:
+        raise ValueError("build_corpus got no inputs.")
+    return out
+
+
+def _source_names(expanded) -> list[str]:
+    """File names; relative paths where two files share a name; ``adata-<i>`` for unnamed AnnData."""
+    paths = [os.path.abspath(p) for _, p, _ in expanded if p is not None]
+    base = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    basenames = Counter(os.path.basename(p) for p in paths)
+    names = []
+    for i, (name, path, _) in enumerate(expanded):
+        if name is None:
+            if path is None:
+                name = f"adata-{i}"
+            else:
+                name = os.path.basename(path)
+                if basenames[name] > 1:
+                    name = os.path.relpath(os.path.abspath(path), base).replace(os.sep, "/")
+        names.append(str(name))
+    dupes = [n for n, c in Counter(names).items() if c > 1]
+    if dupes:
+        raise ValueError(f"Two inputs share the source name(s) {dupes}; give them distinct names.")
+    return names
+
+
+def _open_backed(path: str):
+    from .anndata_io import read_h5ad
+
+    return read_h5ad(path, backed=True)
+
+
+def _column_kind(series) -> str:
+    import pandas as pd
+
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        return _column_kind(pd.Series(series.cat.categories)) if len(series.cat.categories) else "string"
+    if pd.api.types.is_bool_dtype(series):
+        return "bool"
+    if pd.api.types.is_integer_dtype(series):
+        return "int64"
+    if pd.api.types.is_float_dtype(series):
+        return "float64"
+    return "string"
+
+
+def _scan_sources(expanded, names, obs_columns) -> tuple[list[_Source], dict[str, str]]:
+    """Cell counts and obs column kinds of every source; errors for missing or conflicting columns."""
+    sources, kinds, kind_from = [], {}, {}
+    for i, ((_, path, adata), name) in enumerate(zip(expanded, names)):
+        obj = adata if adata is not None else _open_backed(path)
+        try:
+            missing = [c for c in obs_columns if c not in obj.obs.columns]
+            if missing:
+                raise ValueError(
+                    f"Label/obs column(s) {missing} not found in {path or name!r} (its obs columns: "
+                    f"{list(obj.obs.columns)}). Pass obs_columns that every input has, or add the column."
+                )
+            for col in obs_columns:
+                kind = _column_kind(obj.obs[col])
+                if kinds.setdefault(col, kind) != kind:
+                    raise ValueError(
+                        f"obs column {col!r} is {kind} in {path or name!r} but {kinds[col]} in {kind_from[col]!r}; "
+                        "a column needs one type across the corpus (convert it in the inputs)."
+                    )
+                kind_from.setdefault(col, path or name)
+            sources.append(_Source(i, name, path, adata, int(obj.n_obs)))
+        finally:
+            if adata is None and getattr(obj, "file", None) is not None:
+                obj.file.close()
+    return sources, kinds
+
+
+# --------------------------------------------------------------------------- schema and shards
+_ARROW_KIND = {"string": "string", "int64": "int64", "float64": "float64", "bool": "bool"}
+
+
+def _features(obs_kinds: Mapping[str, str]):
+    import datasets
+
+    feats = {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "values": datasets.List(datasets.Value("float32")),
+        "length": datasets.Value("int32"),
+        "cell_id": datasets.Value("string"),
+    }
+    for col, kind in obs_kinds.items():
+        feats[col] = datasets.Value(_ARROW_KIND[kind])
+    feats["source_file"] = datasets.Value("string")
+    return datasets.Features(feats)
+
+
+def _arrow_schema(features_json: str, obs_kinds: Mapping[str, str]):
+    import pyarrow as pa
+
+    fields = [
+        pa.field("input_ids", pa.list_(pa.int32())),
+        pa.field("values", pa.list_(pa.float32())),
+        pa.field("length", pa.int32()),
+        pa.field("cell_id", pa.string()),
+    ]
+    fields += [pa.field(col, getattr(pa, _ARROW_KIND[kind])()) for col, kind in obs_kinds.items()]
+    fields.append(pa.field("source_file", pa.string()))
+    return pa.schema(fields, metadata={b"huggingface": features_json.encode()})
+
+
+#: Parquet options: zstd; ids as deltas (gene ids ascend within a binned / continuous sentence) and
+#: float values split by byte (the bytes of similar floats compress well); statistics of list
+#: columns are useless for filtering, so none are written. Halves the size and speeds up reading.
+_PARQUET_OPTIONS = {
+    "compression": "zstd",
+    "write_statistics": False,
+    "column_encoding": {"input_ids.list.element": "DELTA_BINARY_PACKED", "values.list.element": "BYTE_STREAM_SPLIT"},
+}
+
+
+def _shard_name(source: int, shard: int) -> str:
+    return f"train-{source:05d}-{shard:05d}.parquet"
+
+
+def _obs_arrays(obs, obs_kinds):
+    import pyarrow as pa
+
+    arrays, counts = [], {}
+    for col, kind in obs_kinds.items():
+        series = obs[col]
+        if kind == "string":
+            values = series.astype(object).where(series.notna(), None)
+            values = [None if v is None else str(v) for v in values]
+            counts[col] = {str(k): int(v) for k, v in Counter(v for v in values if v is not None).items()}
+            arrays.append(pa.array(values, type=pa.string()))
+        else:
+            arrays.append(pa.array(series.to_numpy(), type=getattr(pa, _ARROW_KIND[kind])(), from_pandas=True))
+    return arrays, counts
+
+
+def _expected_meta(source: _Source, shard: int, start: int, stop: int, settings, obs_kinds, chunk_size) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": settings,
+        "source_file": source.name,
+        "source_index": source.index,
+        "shard": shard,
+        "cell_range": [start, stop],
+        "obs_columns": dict(obs_kinds),
+        "chunk_size": chunk_size,
+    }
+
+
+_IDENTITY_KEYS = ("format_version", "tokenizer", "source_file", "source_index", "shard", "cell_range", "obs_columns", "chunk_size")
+
+
+def _shard_status(path: str, expected: dict) -> str:
+    """``"missing"``, ``"done"`` (footer matches), ``"corrupt"`` (unreadable) or ``"different"``."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        info, _ = read_shard_metadata(path)
+    except CorpusFormatError:
+        return "corrupt"
+    same = all(info.get(k) == expected[k] for k in _IDENTITY_KEYS)
+    return "done" if same else "different"
+
+
+def _write_shard(src, source, shard, start, stop, *, tokenizer, max_length, chunk_size, schema,
+                 settings, obs_kinds, data_dir, progress=None):
+    """Write one shard via a temporary file and an atomic rename."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    final = os.path.join(data_dir, _shard_name(source.index, shard))
+    tmp = os.path.join(data_dir, f"{_TMP_PREFIX}{os.getpid()}-{_shard_name(source.index, shard)}.partial")
+    meta = _expected_meta(source, shard, start, stop, settings, obs_kinds, chunk_size)
+    label_counts: dict[str, Counter] = {c: Counter() for c, k in obs_kinds.items() if k == "string"}
+    n_tokens = 0
+    with pq.ParquetWriter(tmp, schema, **_PARQUET_OPTIONS,
+                          use_dictionary=[c for c, k in obs_kinds.items() if k == "string"] + ["source_file"]) as writer:
+        for lo in range(start, stop, chunk_size):  # one row group per chunk; memory is one chunk
+            hi = min(lo + chunk_size, stop)
+            counts = src.rows(lo, hi)
+            lib = None if src.library_sizes is None else src.library_sizes[lo:hi]
+            offsets, ids, values, lengths = _tokenize_chunk(tokenizer, counts, src.var_names, lib, max_length)
+            obs = src.obs.iloc[lo:hi]
+            obs_arrays, label_chunk = _obs_arrays(obs, obs_kinds)
+            for col, c in label_chunk.items():
+                label_counts[col].update(c)
+            n_tokens += int(lengths.sum())
+            columns = [
+                pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
+                pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+                pa.array(lengths),
+                pa.array([str(x) for x in obs.index], type=pa.string()),
+                *obs_arrays,
+                pa.array([source.name] * (hi - lo), type=pa.string()),
+            ]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema), row_group_size=hi - lo)
+            del counts, columns, offsets, ids, values
+            if progress is not None:
+                progress(hi - lo)
+        meta["n_cells"] = stop - start
+        meta["n_tokens"] = n_tokens
+        meta["label_counts"] = {c: dict(sorted(v.items())) for c, v in label_counts.items()}
+        writer.add_key_value_metadata({METADATA_KEY.decode(): json.dumps(meta, sort_keys=True)})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+def _build_source(job: dict, progress=None) -> int:
+    """Build the listed shards of one source (runs in the main process or a worker)."""
+    tokenizer = job["tokenizer"] if job.get("tokenizer") is not None else _load_tokenizer(job["tokenizer_dir"])
+    source: _Source = job["source"]
+    from .anndata_io import open_count_source
+
+    src = open_count_source(source.adata if source.adata is not None else source.path)
+    try:
+        for shard, start, stop in job["shards"]:
+            _write_shard(
+                src, source, shard, start, stop, tokenizer=tokenizer, max_length=job["max_length"],
+                chunk_size=job["chunk_size"], schema=job["schema"], settings=job["settings"],
+                obs_kinds=job["obs_kinds"], data_dir=job["data_dir"], progress=progress,
+            )
+    finally:
+        handle = getattr(src.matrix, "group", None)
+        handle = getattr(handle, "file", None)
+        if source.adata is None and handle is not None:
+            handle.close()
+    return len(job["shards"])
+
+
+def _worker(job: dict, queue) -> int:
+    return _build_source(job, progress=queue.put)
+
+
+# --------------------------------------------------------------------------- the card
+def _write_card(out_dir: str, features, settings, shard_infos, total_bytes, dataset_name, obs_kinds):
+    from datasets import DatasetInfo, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCardData
+
+    n_cells = sum(i["n_cells"] for i in shard_infos)
+    per_source: dict[str, int] = {}
+    labels: dict[str, Counter] = {}
+    for info in shard_infos:
+        per_source[info["source_file"]] = per_source.get(info["source_file"], 0) + info["n_cells"]
+        for col, counts in info.get("label_counts", {}).items():
+            labels.setdefault(col, Counter()).update(counts)
+    splits = SplitDict()
+    splits.add(SplitInfo(name="train", num_bytes=total_bytes, num_examples=n_cells))
+    info = DatasetInfo(features=features, splits=splits)
+    card_data = DatasetCardData(
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/train-*.parquet"}]}],
+        tags=["single-cell", "scRNA-seq", "hf-scfm", "tokenized"],
+    )
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+    yaml = card_data.to_yaml()
+
+    lines = [
+        "---", yaml, "---", "",
+        f"# {dataset_name}", "",
+        f"A tokenized single-cell corpus built with `hf_scfm.data.build_corpus`: {n_cells:,} cells from "
+        f"{len(per_source)} source(s) in {len(shard_infos)} Parquet shard(s). One row per cell: `input_ids` and "
+        "`values` (unpadded), `length` (tokens including special tokens), `cell_id` (obs name), "
+        + (", ".join(f"`{c}`" for c in obs_kinds) + ", " if obs_kinds else "")
+        + "`source_file`.",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from hf_scfm.data import load_corpus, DataCollatorForMaskedExpression",
+        "ds = load_corpus(\"<this folder or repo id>\", streaming=True, shuffle=True)",
+        "# or, with datasets alone:",
+        "from datasets import load_dataset",
+        "ds = load_dataset(\"<this folder or repo id>\", split=\"train\", streaming=True)",
+        "```",
+        "",
+        "The tokenizer is saved in `tokenizer/` (`GeneTokenizer.from_pretrained(\"<folder>/tokenizer\")`).",
+        "",
+        "## Tokenizer settings",
+        "",
+        "```json",
+        json.dumps(settings, indent=2, sort_keys=True),
+        "```",
+        "",
+        "## Cells per source",
+        "",
+        "| source | cells |",
+        "|---|---:|",
+        *(f"| {name} | {count:,} |" for name, count in per_source.items()),
+        "",
+    ]
+    for col, counts in labels.items():
+        lines += [f"## Cells per `{col}`", ""]
+        if len(counts) > MAX_LABELS_IN_CARD:
+            lines += [f"{len(counts):,} distinct values (not tabulated).", ""]
+            continue
+        lines += [f"| {col} | cells |", "|---|---:|"]
+        lines += [f"| {label} | {count:,} |" for label, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+        lines.append("")
+    text = "\n".join(lines)
+    tmp = os.path.join(out_dir, f"{_TMP_PREFIX}README.md")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, os.path.join(out_dir, "README.md"))
+    return per_source, {c: dict(v) for c, v in labels.items()}
+
+
+# --------------------------------------------------------------------------- the builder
+def build_corpus(
+    inputs,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 10_000,
+    chunk_size: int = 1_000,
+    obs_columns: Sequence[str] = (),
+    max_length: int | None = None,
+    num_proc: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    dataset_name: str | None = None,
+    mp_context: str = "spawn",
+) -> CorpusBuildReport:
+    """Tokenize single-cell data into a corpus of Parquet shards with a dataset card.
+
+    Args:
+        inputs: an ``.h5ad`` path, a folder (searched recursively for ``.h5ad`` files, sorted), an
+            in-memory ``AnnData``, a list mixing those, or a ``{source name: path or AnnData}`` dict.
+            Files are read in backed mode, ``chunk_size`` cells at a time.
+        tokenizer: a ``GeneTokenizer`` or the folder it was saved to; its settings are recorded.
+        out_dir: the corpus folder (created).
+        shard_size: cells per shard (the last shard of each source is smaller). Shards never mix sources.
+        chunk_size: cells read and tokenized at once (also the Parquet row-group size); bounds memory.
+        obs_columns: obs columns copied into every row (labels, donors, batches); every input must
+            have them, with one type across inputs.
+        max_length: tokens per cell including special tokens; ``None`` uses the tokenizer's default.
+        num_proc: sources built in parallel processes.
+        overwrite: rebuild shards whose footer says they come from other inputs or settings (and
+            drop shards that are not part of this build) instead of raising.
+        progress: show a tqdm progress bar over cells.
+        dataset_name: title of the dataset card (default: the folder name).
+        mp_context: how ``num_proc`` workers start: ``"spawn"`` (default: a fresh interpreter, safe
+            whatever threads the caller runs; costs one package import per worker), ``"forkserver"``
+            or ``"fork"`` (instant start; fine from a plain script).
+
+    Returns:
+        A :class:`CorpusBuildReport` (cells, shards written and skipped, per-source and label counts).
+
+    Re-running with the same arguments after an interruption skips finished shards and rebuilds the
+    others; the result is byte-identical to an uninterrupted run.
+    """
+    if shard_size < 1 or chunk_size < 1:
+        raise ValueError(f"shard_size and chunk_size must be positive, got {shard_size} and {chunk_size}.")
+    chunk_size = min(chunk_size, shard_size)
+    out_dir = os.fspath(out_dir)
+    obs_columns = [obs_columns] if isinstance(obs_columns, str) else list(obs_columns)
+    reserved = {"input_ids", "values", "length", "cell_id", "source_file"} & set(obs_columns)
+    if reserved:
+        raise ValueError(f"obs column name(s) {sorted(reserved)} clash with the corpus's own columns; rename them.")
+
+    expanded = _expand_inputs(inputs)
+    names = _source_names(expanded)
+    sources, obs_kinds = _scan_sources(expanded, names, obs_columns)
+    obs_kinds = {c: obs_kinds[c] for c in obs_columns}
+
+    data_dir = os.path.join(out_dir, DATA_DIR)
+    tok_dir = os.path.join(out_dir, TOKENIZER_DIR)
+    os.makedirs(data_dir, exist_ok=True)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = _load_tokenizer(os.fspath(tokenizer))
+    settings = tokenizer_settings(tokenizer)
+    settings["max_length"] = int(max_length or getattr(tokenizer, "model_max_length", 0)) or None
+    saved = os.path.join(tok_dir, "hf_scfm_tokenizer_settings.json")
+    if os.path.exists(saved) and not overwrite:
+        with open(saved, encoding="utf-8") as fh:
+            previous = json.load(fh)
+        if previous != settings:
+            raise CorpusFormatError(
+                f"{out_dir!r} holds a corpus built with other tokenizer settings ({previous}). Use a new out_dir, "
+                "the same tokenizer, or overwrite=True."
+            )
+    tokenizer.save_pretrained(tok_dir)
+    with open(saved, "w", encoding="utf-8") as fh:
+        json.dump(settings, fh, indent=2, sort_keys=True)
+
+    for f in os.listdir(data_dir):  # leftovers of an interrupted run
+        if f.startswith(_TMP_PREFIX):
+            os.remove(os.path.join(data_dir, f))
+
+    features = _features(obs_kinds)
+    features_json = json.dumps({"info": {"features": features.to_dict()}}, sort_keys=True)
+    schema = _arrow_schema(features_json, obs_kinds)
+
+    # Plan, and what is already done.
+    planned, jobs, skipped, to_build_cells = set(), [], 0, 0
+    for source in sources:
+        todo = []
+        for shard, start in enumerate(range(0, source.n_cells, shard_size)):
+            stop = min(start + shard_size, source.n_cells)
+            name = _shard_name(source.index, shard)
+            planned.add(name)
+            expected = _expected_meta(source, shard, start, stop, settings, obs_kinds, chunk_size)
+            status = _shard_status(os.path.join(data_dir, name), expected)
+            if status == "done":
+                skipped += 1
+                continue
+            if status == "different" and not overwrite:
+                raise CorpusFormatError(
+                    f"{os.path.join(data_dir, name)!r} was built from other inputs or settings (expected source "
+                    f"{source.name!r}, cells {start}:{stop}, this tokenizer, obs_columns {obs_columns}, chunk_size "
+                    f"{chunk_size}). Use a new out_dir, or overwrite=True to rebuild."
+                )
+            todo.append((shard, start, stop))
+            to_build_cells += stop - start
+        if todo:
+            jobs.append({
+                "source": source, "shards": todo, "max_length": max_length, "chunk_size": chunk_size,
+                "schema": schema, "settings": settings, "obs_kinds": obs_kinds, "data_dir": data_dir,
+                "tokenizer_dir": tok_dir,
+            })
+    stray = sorted(f for f in os.listdir(data_dir) if f.endswith(".parquet") and f not in planned)
+    if stray:
+        if not overwrite:
+            raise CorpusFormatError(
+                f"{data_dir!r} holds shards that are not part of this build: {stray[:5]}{'...' if len(stray) > 5 else ''}. "
+                "Use a new out_dir, or overwrite=True to delete them."
+            )
+        for f in stray:
+            os.remove(os.path.join(data_dir, f))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=to_build_cells, unit="cell", desc="tokenizing", disable=not progress)
+    try:
+        in_process = [j for j in jobs if j["source"].adata is not None or num_proc <= 1]
+        parallel = [j for j in jobs if j not in in_process]
+        if parallel:
+            _run_parallel(parallel, num_proc, bar, mp_context)
+        for job in in_process:
+            job["tokenizer"] = tokenizer
+            _build_source(job, progress=bar.update)
+    finally:
+        bar.close()
+
+    files = [os.path.join(data_dir, f) for f in sorted(planned)]
+    infos = [read_shard_metadata(f)[0] for f in files]
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    per_source, labels = _write_card(
+        out_dir, features, settings, infos, total_bytes, dataset_name or os.path.basename(os.path.abspath(out_dir)), obs_kinds
+    )
+    return CorpusBuildReport(
+        out_dir=out_dir, n_cells=sum(i["n_cells"] for i in infos), n_shards=len(files),
+        shards_written=sum(len(j["shards"]) for j in jobs), shards_skipped=skipped,
+        cells_per_source=per_source, label_counts=labels,
+    )
+
+
+def _run_parallel(jobs, num_proc, bar, mp_context) -> None:
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context(mp_context)
+    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=min(num_proc, len(jobs)), mp_context=ctx) as pool:
+        q = manager.Queue()
+        pending = {pool.submit(_worker, {k: v for k, v in job.items() if k != "tokenizer"}, q) for job in jobs}
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            while True:
+                try:
+                    bar.update(q.get_nowait())
+                except queue_mod.Empty:
+                    break
+            for fut in done:
+                fut.result()  # re-raise a worker's error here

