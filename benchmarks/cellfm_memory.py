@@ -7,7 +7,7 @@ temporaries; weights are loaded before the baseline). Two modes: inference (``to
 proportion to the length; for contrast the quadratic reference ``(Q Kᵀ) V`` is measured at the two shortest
 lengths (its L x L score matrix makes longer ones needlessly heavy on a shared machine).
 
-Run: ``.venv/bin/python benchmarks/cellfm_memory.py`` (about a minute on 2 cores). Prints a table; it never
+Run: ``.venv/bin/python benchmarks/cellfm_memory.py`` (each point is a fresh subprocess: 1 to 5 minutes on 2 cores, depending on load). Prints a table; it never
 fails on the numbers.
 """
 

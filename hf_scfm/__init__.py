@@ -9,5 +9,6 @@ __version__ = "0.1.0.dev0"
 from .data import load_example
 from .modeling.mouse_genemamba import *  # noqa: F401,F403
 from .modeling.cellfm import *  # noqa: F401,F403
+from .modeling.scmamba2 import *  # noqa: F401,F403
 from .modeling.lora import DEFAULT_LORA_TARGETS, default_lora_targets  # noqa: F401
 from .tokenization import GeneTokenizer, MappingReport

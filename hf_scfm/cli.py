@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-length", type=int, default=2048, help="tokens per cell sentence")
     q.set_defaults(func=_quickstart)
 
+    from .data.corpus import add_tokenize_arguments, run_tokenize
+
+    t = sub.add_parser("tokenize", help="h5ad files -> tokenized Parquet corpus (a Hub dataset folder)")
+    add_tokenize_arguments(t)
+    t.set_defaults(func=run_tokenize)
+
     from .training.hub import add_push_parser
 
     add_push_parser(sub)

@@ -3,7 +3,6 @@ kill -9, bad shards, splits by column and by node, length grouping, streaming in
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -184,6 +183,24 @@ def test_parallel_build_equals_serial(corpus, inputs, tokenizer, tmp_path):
     report = build_corpus(inputs[0], tokenizer, tmp_path / "par", num_proc=2, mp_context="fork", **BUILD)
     assert report.shards_written == 5
     assert shard_bytes(tmp_path / "par") == shard_bytes(out)
+
+
+def test_command_line_arguments_build_the_same_cells(corpus, inputs, tmp_path):
+    import argparse
+
+    from hf_scfm.data.corpus import add_tokenize_arguments, run_tokenize
+
+    out, _ = corpus
+    parser = argparse.ArgumentParser()
+    add_tokenize_arguments(parser)
+    args = parser.parse_args([inputs[0][1], "--tokenizer", os.path.join(out, "tokenizer"), "--out", str(tmp_path / "cli"),
+                              "--shard-size", "64", "--chunk-size", "32", "--max-length", str(MAX_LENGTH),
+                              "--obs-columns", "cell_type", "batch"])
+    assert run_tokenize(args) == 0
+    built = load_corpus(tmp_path / "cli")
+    reference = load_corpus(out)
+    assert list(built["cell_id"]) == list(reference["cell_id"])[N_A:]
+    assert list(built["input_ids"]) == list(reference["input_ids"])[N_A:]
 
 
 # --------------------------------------------------------------------------- bad input

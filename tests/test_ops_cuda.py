@@ -10,6 +10,7 @@ from hf_scfm.modeling.ops import (
     kernel_available,
     selective_scan,
     selective_scan_reference,
+    selective_state_update,
     ssd_reference,
     ssd_scan,
     ssd_step,
@@ -39,6 +40,11 @@ def test_selective_scan_kernel_matches_reference():
     torch.testing.assert_close(last.double(), ref_last, rtol=1e-3, atol=1e-3)
     ours = selective_scan(u, delta, A, B, C, D, z, bias, True, backend="torch")
     torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4)
+    state = torch.zeros(b, d, N, device="cuda")
+    y0 = selective_state_update(
+        state, u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D, z[..., 0], bias, True, backend="cuda"
+    )
+    torch.testing.assert_close(y0.double(), ref[..., 0], rtol=1e-3, atol=1e-3)
 
 
 @needs_cuda

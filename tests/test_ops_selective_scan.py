@@ -182,6 +182,11 @@ def test_bad_inputs_raise_clear_errors():
         selective_scan(**x, backend="triton")
     with pytest.raises(RuntimeError, match="not all on a CUDA device"):
         selective_scan(**x, backend="cuda")
+    state = torch.zeros(2, 6, 4, dtype=F64)
+    with pytest.raises(ValueError, match="B and C must both be"):
+        selective_state_update(state, x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][:, :3, 0], x["C"][:, :3, 0])
+    with pytest.raises(ValueError, match="expected state"):
+        selective_state_update(state[0], x["u"][..., 0], x["delta"][..., 0], x["A"], x["B"][..., 0], x["C"][..., 0])
     with pytest.raises(ValueError, match="weight must be"):
         causal_conv1d(x["u"], torch.randn(3, 4, dtype=F64))
     with pytest.raises(ValueError, match="activation"):

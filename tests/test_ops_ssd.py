@@ -38,7 +38,7 @@ def test_segsum_is_exact_sum_of_segments():
             torch.testing.assert_close(s[:, t, j], expected)
 
 
-@pytest.mark.parametrize("length,chunk_size", [(1, 4), (13, 4), (13, 13), (16, 8), (29, 64), (37, 1)])
+@pytest.mark.parametrize("length,chunk_size", [(1, 4), (13, 4), (13, 13), (16, 8), (29, 64), (37, 1), (150, 256)])
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_chunked_matches_reference_float64(length, chunk_size, groups):
     x = make_inputs(length=length, groups=groups)

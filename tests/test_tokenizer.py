@@ -275,6 +275,17 @@ def test_all_input_forms_give_the_same_encoding(tokenizers, cells, tmp_path):
     report_ids = tok._column_map(genes)[0]
     versioned = [tok._tokens[t] + ".7" if t >= 0 else g for g, t in zip(genes, np.where(report_ids.rank >= 0, report_ids.tokens[report_ids.rank], -1))]
     np.testing.assert_array_equal(tok(X, gene_ids=versioned, max_length=128, return_tensors="np")["input_ids"], ref["input_ids"])
+    # matched columns already in token order (the path without the canonicalising sort), unmatched ones dropped
+    token_of_col = np.where(report_ids.rank >= 0, report_ids.tokens[np.maximum(report_ids.rank, 0)], -1)
+    in_order = np.argsort(np.where(token_of_col >= 0, token_of_col, 1 << 40), kind="stable")[: (token_of_col >= 0).sum()]
+    sub = ad.AnnData(X=X[:, in_order], obs=adata.obs.assign(n_counts=np.asarray(X.sum(1)).ravel()))
+    sub.var_names = [tok._tokens[t] for t in token_of_col[in_order]]
+    assert tok._column_map(sub.var_names)[0].monotone
+    np.testing.assert_array_equal(tok(sub, max_length=128, return_tensors="np")["values"], ref["values"])
+    dense_path = tmp_path / "dense.h5ad"
+    variants["dense"].write_h5ad(dense_path)
+    np.testing.assert_array_equal(tok(ad.read_h5ad(dense_path, backed="r"), max_length=128, return_tensors="np")["values"],
+                                  ref["values"])
 
 
 def test_text_input_still_tokenizes_gene_ids(tokenizers):
@@ -339,3 +350,14 @@ def test_fit_medians_over_several_files_equals_concatenation(tokenizers, cells, 
     assert tok._medians_info["n_cells"] == adata.n_obs
     backed = tok.fit_medians(ad.read_h5ad(paths[0], backed="r"), chunk_size=3)
     assert backed == tok.fit_medians(adata[:half], chunk_size=100)
+
+
+def test_summary_for_the_command_line(tokenizers, cells):
+    tok = _retarget(tokenizers["human"], "binned")
+    text = tok.summary(cells["baron_human"], max_length=256)
+    lines = text.splitlines()
+    assert lines[0].startswith("GeneTokenizer: human vocabulary of 78,900 tokens") and "encoding='binned'" in lines[0]
+    assert "18,156 of 20,125 genes matched the vocabulary (90.2%)" in text
+    assert "unknown: 1,741" in text and "ambiguous symbol: 228" in text
+    n = cells["baron_human"].n_obs
+    assert f"{n:,} cells -> input_ids ({n}, 256)" in text and "max 255" in text

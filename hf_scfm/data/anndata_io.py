@@ -60,7 +60,14 @@ class CountSource:
     library_sizes: np.ndarray | None = None  # float64, from obs["n_counts"] or given
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
-        block = self.matrix[start:stop]
+        m = self.matrix
+        if sp.issparse(m) and m.format == "csr":  # in memory: views of the row range, no copy
+            a, b = m.indptr[start], m.indptr[stop]
+            block = sp.csr_matrix((m.data[a:b], m.indices[a:b], m.indptr[start:stop + 1] - a),
+                                  shape=(stop - start, m.shape[1]))
+            block.has_sorted_indices = m.has_sorted_indices
+            return block if block.dtype.kind in "fc" and block.dtype.itemsize >= 4 else block.astype(np.float32)
+        block = m[start:stop]
         if sp.issparse(block):
             block = block.tocsr()
         elif hasattr(block, "to_memory"):
@@ -165,23 +172,22 @@ def validate_counts(counts, n_counts=None, check_counts: bool = True, cell_names
     ``n_counts`` (default: row sums) is zero or not finite. ``offset`` is added to row numbers in messages.
     """
     data = counts.data if sp.issparse(counts) else np.asarray(counts).ravel()
-    if data.size and data.dtype.kind == "f":
-        bad = ~np.isfinite(data)
-        if bad.any():
-            n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
-            raise ValueError(
-                f"The count matrix contains {n_nan} NaN and {n_inf} infinite values. Counts must be finite; "
-                "fix or drop those cells/genes first (e.g. np.nan_to_num, or subset the AnnData)."
-            )
-    if data.size and (data < 0).any():
+    lo, hi = (data.min(), data.max()) if data.size else (0, 0)  # NaN propagates; one pass each
+    if data.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+        raise ValueError(
+            f"The count matrix contains {n_nan} NaN and {n_inf} infinite values. Counts must be finite; "
+            "fix or drop those cells/genes first (e.g. np.nan_to_num, or subset the AnnData)."
+        )
+    if lo < 0:
         raise ValueError(
             f"The count matrix contains {int((data < 0).sum())} negative values (min {data.min():g}). Counts cannot "
             "be negative: pass raw UMI counts (not scaled/centred data such as the output of sc.pp.scale)."
         )
-    if check_counts and data.size and data.dtype.kind == "f":
+    if check_counts and data.size and data.dtype.kind == "f" and not np.array_equal(data, np.rint(data)):
         frac = np.abs(data - np.rint(data)) > 1e-3
         if frac.any():
-            top = float(data.max())
+            top = float(hi)
             kind = "log-normalised (all values below %g, e.g. sc.pp.log1p output)" % _LOG_MAX if top < _LOG_MAX \
                 else "normalised (non-integer)"
             raise ValueError(

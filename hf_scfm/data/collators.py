@@ -4,7 +4,10 @@ A *record* is a mapping with a variable-length ``input_ids`` (ints) and, for eve
 reads expression, a ``values`` of the same length (floats), as lists or NumPy arrays: exactly what a
 corpus shard holds (``{input_ids, values, length, <obs columns>, source_file}``) or what
 ``GeneTokenizer(..., padding=False)`` returns per cell. A record may also carry an ``attention_mask``
-(1 = real token); without one every position is real.
+(1 = real token); without one every position is real. Instead of a list of records a collator also
+takes a *columnar* batch: a mapping of per-cell lists, or a ``pyarrow.Table`` as yielded by
+``ds.with_format("arrow").iter(batch_size)``; Arrow batches skip per-cell Python objects and are
+the fastest way from a streamed corpus to tensors (``benchmarks/corpus.py``).
 
 Every collator returns a ``dict`` of torch tensors: ``input_ids`` int64 [B, L], ``values`` float32
 [B, L], ``attention_mask`` int64 [B, L], padded on the RIGHT with ``<pad>`` (id 0) and value 0.0 to
@@ -244,9 +247,10 @@ class _Cells:
         return np.concatenate(arrays), lengths
 
 
-def _scatter(flat: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape, fill, dtype) -> np.ndarray:
-    out = np.full(shape, fill, dtype=dtype)
-    out[rows, cols] = flat
+def _scatter(flat, real: np.ndarray, fill, dtype) -> np.ndarray:
+    """Padded [B, L] array holding ``flat`` at the ``real`` positions (row-major, so right padding)."""
+    out = np.full(real.shape, fill, dtype=dtype)
+    out[real] = flat
     return out
 
 
@@ -275,9 +279,7 @@ def _pad_records(
     batch, length = cells.n, int(lengths.max())
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    rows = np.repeat(np.arange(batch), lengths)
-    starts = np.cumsum(lengths) - lengths
-    cols = np.arange(len(ids)) - np.repeat(starts, lengths)
+    real = np.arange(length)[None, :] < lengths[:, None]
 
     def ragged_matching(key, dtype, default=None):
         flat, n = cells.ragged(key, dtype, None if default is None else lengths, default)
@@ -286,20 +288,19 @@ def _pad_records(
             raise ValueError(f"Record {i}: {key!r} has {n[i]} entries but 'input_ids' has {lengths[i]}; they must match.")
         return flat
 
-    shape = (batch, length)
-    out = {"input_ids": _scatter(ids, rows, cols, shape, PAD_TOKEN_ID, np.int64)}
+    out = {"input_ids": _scatter(ids, real, PAD_TOKEN_ID, np.int64)}
     given_mask = cells.any("attention_mask")
     if given_mask:
-        out["attention_mask"] = _scatter(ragged_matching("attention_mask", np.int64, 1), rows, cols, shape, 0, np.int64)
+        out["attention_mask"] = _scatter(ragged_matching("attention_mask", np.int64, 1), real, 0, np.int64)
     else:
-        out["attention_mask"] = _scatter(1, rows, cols, shape, 0, np.int64)
+        out["attention_mask"] = real.astype(np.int64)
     if has_values:
-        out["values"] = _scatter(ragged_matching("values", np.float32), rows, cols, shape, SPECIAL_VALUE, np.float32)
+        out["values"] = _scatter(ragged_matching("values", np.float32), real, SPECIAL_VALUE, np.float32)
     for key in extra_float_keys:
         if not cells.has(key):
             i = cells.first_without(key)
             raise ValueError(f"Record {i} has no {key!r} column (record keys: {cells.keys_of(i)}).")
-        out[key] = _scatter(ragged_matching(key, np.float32), rows, cols, shape, 0.0, np.float32)
+        out[key] = _scatter(ragged_matching(key, np.float32), real, 0.0, np.float32)
     if given_mask:  # padding inside a record (padded by the tokenizer) follows the contract too
         pad = out["attention_mask"] == 0
         out["input_ids"][pad] = PAD_TOKEN_ID
@@ -439,7 +440,6 @@ class _MaskedValueCollator(_SeededCollator):
     """Masks a fraction of gene values with ``MASK_VALUE``; float labels hold the originals."""
 
     default_fraction: float = 0.15
-    fraction_name = "mask_fraction"
 
     def __init__(self, *, mask_fraction=None, seed: int = 0, pad_to_multiple_of: int | None = None):
         super().__init__(seed=seed, pad_to_multiple_of=pad_to_multiple_of)
@@ -454,10 +454,8 @@ class _MaskedValueCollator(_SeededCollator):
             frac = lo + (hi - lo) * self._draw(batch, 3, length=1)[:, 0]
         chosen = _choose_exact(self._eligible(batch), self._draw(batch, 0), frac)
         values = batch["values"]
-        labels = np.full_like(values, IGNORE_INDEX)
-        labels[chosen] = values[chosen]
-        values[chosen] = MASK_VALUE
-        batch["labels"] = labels
+        batch["labels"] = np.where(chosen, values, np.float32(IGNORE_INDEX))
+        batch["values"] = np.where(chosen, np.float32(MASK_VALUE), values)
         return batch
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ import numpy as np
 
 from .loading import DATA_DIR, METADATA_KEY, CorpusFormatError, read_shard_metadata
 
-__all__ = ["build_corpus", "CorpusBuildReport", "tokenizer_settings"]
+__all__ = ["build_corpus", "CorpusBuildReport", "tokenizer_settings", "add_tokenize_arguments", "run_tokenize"]
 
 FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
@@ -340,7 +341,10 @@ def _write_shard(src, source, shard, start, stop, *, tokenizer, max_length, chun
             hi = min(lo + chunk_size, stop)
             counts = src.rows(lo, hi)
             lib = None if src.library_sizes is None else src.library_sizes[lo:hi]
-            offsets, ids, values, lengths = _tokenize_chunk(tokenizer, counts, src.var_names, lib, max_length)
+            try:
+                offsets, ids, values, lengths = _tokenize_chunk(tokenizer, counts, src.var_names, lib, max_length)
+            except ValueError as err:
+                raise ValueError(f"{source.path or source.name} (cells {lo}:{hi}): {err}") from err
             obs = src.obs.iloc[lo:hi]
             obs_arrays, label_chunk = _obs_arrays(obs, obs_kinds)
             for col, c in label_chunk.items():
@@ -562,6 +566,8 @@ def build_corpus(
             planned.add(name)
             expected = _expected_meta(source, shard, start, stop, settings, obs_kinds, chunk_size)
             status = _shard_status(os.path.join(data_dir, name), expected)
+            if status == "corrupt":
+                warnings.warn(f"Rebuilding the unreadable shard {os.path.join(data_dir, name)!r}.", stacklevel=2)
             if status == "done":
                 skipped += 1
                 continue
@@ -634,3 +640,28 @@ def _run_parallel(jobs, num_proc, bar, mp_context) -> None:
                     break
             for fut in done:
                 fut.result()  # re-raise a worker's error here
+
+
+# --------------------------------------------------------------------------- command line
+def add_tokenize_arguments(parser) -> None:
+    """Arguments of ``hf-scfm tokenize INPUTS... --tokenizer DIR --out DIR`` (for ``hf_scfm/cli.py``)."""
+    parser.add_argument("inputs", nargs="+", help=".h5ad files or folders of them")
+    parser.add_argument("--tokenizer", required=True, help="folder of a saved GeneTokenizer")
+    parser.add_argument("--out", required=True, help="corpus folder to write (a Hub dataset repo layout)")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="cells per Parquet shard")
+    parser.add_argument("--chunk-size", type=int, default=1_000, help="cells read and tokenized at once")
+    parser.add_argument("--obs-columns", nargs="*", default=[], help="obs columns to keep (labels, donors, ...)")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: the tokenizer's)")
+    parser.add_argument("--num-proc", type=int, default=1, help="files built in parallel processes")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild shards made from other inputs/settings")
+
+
+def run_tokenize(args) -> int:
+    """Run ``hf-scfm tokenize`` from parsed arguments; prints a one-line summary."""
+    report = build_corpus(
+        args.inputs, args.tokenizer, args.out, shard_size=args.shard_size, chunk_size=args.chunk_size,
+        obs_columns=args.obs_columns, max_length=args.max_length, num_proc=args.num_proc, overwrite=args.overwrite,
+    )
+    print(f"{report.n_cells:,} cells in {report.n_shards} shards at {report.out_dir} "
+          f"({report.shards_written} written, {report.shards_skipped} already done)")
+    return 0

@@ -1,9 +1,10 @@
 """The three cell encodings of SPEC.md ("Common ground"), vectorised over a sparse chunk of cells.
 
-No Python loop over cells: every step is a NumPy operation over all non-zero entries of a chunk. The
-per-row orderings are done by **one** ``np.sort`` of packed ``uint64`` keys ``(row | sort key | offset
-in row)`` instead of a ``lexsort``/``argsort`` (a plain sort of unique integers is several times faster and
-the packed key carries everything needed to find the entry again).
+No Python loop over cells: every step is a NumPy operation over all non-zero entries of a chunk. Each
+per-row ordering is **one** ``np.sort`` of packed ``uint64`` keys ``(row | 32-bit sort key | entry index)``
+instead of a ``lexsort``/``argsort``: sorting unique integers is several times faster than an indirect
+sort, and the low bits give the entry back (and break ties by token id, because entries are kept in
+token order within each row). Row blocks are sized so the three fields fit in 64 bits.
 
 Definitions (the reference implementation in ``tests/test_tokenizer.py`` follows them cell by cell):
 
@@ -70,7 +71,7 @@ class CellEntries:
         return np.repeat(np.arange(self.n_cells, dtype=np.int64), np.diff(self.indptr))
 
     def x_norm(self) -> np.ndarray:
-        return self.count.astype(np.float64) / self.n_counts[self.rows()] * TARGET_SUM
+        return self.count.astype(np.float64) / np.repeat(self.n_counts, np.diff(self.indptr)) * TARGET_SUM
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ColumnMap:
     rank: np.ndarray  # int64 [n_input]
     tokens: np.ndarray  # int64 [K], ascending
     monotone: bool  # matched columns already appear in ascending token order, no duplicates
+    has_duplicates: bool
 
     @classmethod
     def from_token_ids(cls, token_ids: np.ndarray) -> "ColumnMap":
@@ -88,109 +90,265 @@ class ColumnMap:
         tokens = np.unique(matched)
         rank = np.full(token_ids.shape, -1, dtype=np.int64)
         rank[token_ids >= 0] = np.searchsorted(tokens, matched)
-        monotone = bool(np.all(np.diff(matched) > 0))
-        return cls(rank=rank, tokens=tokens, monotone=monotone)
+        return cls(rank=rank, tokens=tokens, monotone=bool(np.all(np.diff(matched) > 0)),
+                   has_duplicates=len(tokens) < len(matched))
+
+    @property
+    def matched(self) -> np.ndarray:
+        if not hasattr(self, "_matched"):
+            self._matched = self.rank >= 0
+        return self._matched
+
+    @property
+    def rank_key(self) -> np.ndarray:
+        """``rank << 32`` as uint64 per input column (0 for unmatched columns, which are filtered anyway)."""
+        if not hasattr(self, "_rank_key"):
+            self._rank_key = np.where(self.rank >= 0, self.rank, 0).astype(np.uint64) << np.uint64(32)
+        return self._rank_key
+
+    def rank_tables(self, medians: np.ndarray):
+        """Per input column: ``(token rank as uint64, K if unmatched; median as float64, inf if unmatched)``.
+
+        Cached for the last ``medians`` seen (compared by content: a cheap pass over the vocabulary).
+        """
+        medians = np.asarray(medians, dtype=np.float64)
+        cached = getattr(self, "_rank_tables", None)
+        if cached is not None and (cached[0] is medians or np.array_equal(cached[0], medians)):
+            return cached[1]
+        k = len(self.tokens)
+        rank = np.where(self.rank >= 0, self.rank, k).astype(np.uint64)
+        med = np.append(np.asarray(medians, dtype=np.float64)[self.tokens], np.inf)[np.where(self.rank >= 0, self.rank, k)]
+        self._rank_tables = (medians.copy(), (rank, med))
+        return rank, med
+
+    @property
+    def max_rows_per_chunk(self) -> int:
+        """Rows that fit the canonicalisation key ``row | token rank | count bits`` (64 bits)."""
+        return 1 << (32 - _bits(len(self.tokens)))
 
 
 def gather_entries(counts, colmap: ColumnMap, n_counts: np.ndarray) -> CellEntries:
     """Canonical :class:`CellEntries` of a CSR chunk: unmatched genes dropped, duplicates summed, zeros dropped.
 
-    Sorting within rows is one ``np.sort`` of keys ``row | token rank | float32 count bits``.
+    When the matched input columns are not already in token order, one ``np.sort`` of keys
+    ``row | token rank | float32 count bits`` puts every row in token order (and brings duplicates together).
     """
     counts = counts.tocsr()
     n_cells = counts.shape[0]
-    indptr = counts.indptr.astype(np.int64)
-    rank = colmap.rank[counts.indices]
+    nnz_row = np.diff(counts.indptr)
     data = counts.data.astype(np.float32, copy=False)
-    keep = (rank >= 0) & (data != 0)
-    row = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(indptr))[keep]
-    rank, data = rank[keep], data[keep]
-    if not (colmap.monotone and counts.has_sorted_indices):
-        rb, kb = _bits(n_cells), _bits(len(colmap.tokens))
-        if rb + kb > 32:
-            raise ValueError(f"Chunk of {n_cells} cells is too large for a {len(colmap.tokens)}-gene vocabulary; "
-                             "use a smaller chunk_size.")
-        key = (row.astype(np.uint64) << np.uint64(32 + kb)) | (rank.astype(np.uint64) << np.uint64(32)) \
-            | data.view(np.uint32).astype(np.uint64)
-        key.sort()
-        row = (key >> np.uint64(32 + kb)).astype(np.int64)
-        rank = ((key >> np.uint64(32)) & np.uint64((1 << kb) - 1)).astype(np.int64)
-        data = (key & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
-        # duplicates (two input columns, one token): adjacent equal (row, rank) -> sum
-        if len(key) > 1:
-            same = (row[1:] == row[:-1]) & (rank[1:] == rank[:-1])
-            if same.any():
-                starts = np.flatnonzero(np.concatenate(([True], ~same)))
-                data = np.add.reduceat(data.astype(np.float64), starts).astype(np.float32)
-                row, rank = row[starts], rank[starts]
-    new_indptr = np.zeros(n_cells + 1, dtype=np.int64)
-    np.cumsum(np.bincount(row, minlength=n_cells), out=new_indptr[1:])
-    return CellEntries(indptr=new_indptr, token=colmap.tokens[rank], count=data,
+    keep = colmap.matched[counts.indices]
+    if not data.all():
+        keep &= data != 0
+    if colmap.monotone and counts.has_sorted_indices:
+        kept_before = np.concatenate(([0], np.cumsum(keep)))
+        return CellEntries(indptr=kept_before[counts.indptr].astype(np.int64),
+                           token=colmap.tokens[colmap.rank[counts.indices[keep]]],
+                           count=data[keep], n_counts=np.asarray(n_counts, dtype=np.float64))
+    kb = _bits(len(colmap.tokens))
+    if n_cells > colmap.max_rows_per_chunk:  # key would overflow 64 bits: two halves
+        half = n_cells // 2
+        a = gather_entries(counts[:half], colmap, n_counts[:half])
+        b = gather_entries(counts[half:], colmap, n_counts[half:])
+        return CellEntries(indptr=np.concatenate([a.indptr, b.indptr[1:] + a.indptr[-1]]),
+                           token=np.concatenate([a.token, b.token]), count=np.concatenate([a.count, b.count]),
+                           n_counts=np.asarray(n_counts, dtype=np.float64))
+    shift = np.uint64(32 + kb)
+    key = np.repeat(np.arange(n_cells, dtype=np.uint64) << shift, nnz_row)
+    key |= colmap.rank_key[counts.indices]
+    key |= data.view(np.uint32)
+    key = key[keep]
+    key.sort()
+    indptr = np.searchsorted(key, np.arange(n_cells + 1, dtype=np.uint64) << shift).astype(np.int64)
+    rank = ((key >> np.uint64(32)) & np.uint64((1 << kb) - 1)).astype(np.int64)
+    data = key.astype(np.uint32).view(np.float32)
+    if colmap.has_duplicates and len(key) > 1:  # two input columns, one token: adjacent equal (row, rank) -> sum
+        row_rank = key >> np.uint64(32)
+        starts = np.flatnonzero(np.concatenate(([True], row_rank[1:] != row_rank[:-1])))
+        if len(starts) < len(key):
+            data = np.add.reduceat(data.astype(np.float64), starts).astype(np.float32)
+            rank = rank[starts]
+            indptr = np.searchsorted(starts, indptr).astype(np.int64)
+    return CellEntries(indptr=indptr, token=colmap.tokens[rank], count=data,
                        n_counts=np.asarray(n_counts, dtype=np.float64))
 
 
 @dataclass
 class GeneSentences:
-    """Flat gene part of the sentences: entry ``i`` puts ``token[i]``/``value[i]`` at (``row[i]``, ``pos[i]``)."""
+    """Gene part of a chunk's sentences, row-major: row ``r`` has ``lengths[r]`` (token, value) pairs in order."""
 
-    row: np.ndarray
-    pos: np.ndarray
     token: np.ndarray
     value: np.ndarray
-    lengths: np.ndarray  # int64 [B], genes per row
+    lengths: np.ndarray  # int64 [B]
 
 
-def _sorted_rows(entries: CellEntries, key32: np.ndarray, select: np.ndarray | None = None):
-    """Sort entries within rows by ``key32`` (uint32, ascending), ties by token id.
+def _row_blocks(indptr: np.ndarray, r0: int, r1: int, budget: int):
+    """Split rows ``[r0, r1)`` into consecutive blocks with at most ``budget`` entries whose
+    ``row | 32 bits | entry`` key fits 64 bits (a single row is always its own valid block)."""
+    n = int(indptr[r1] - indptr[r0])
+    if r1 - r0 <= 1 or (n <= budget and _bits(n) + _bits(r1 - r0) <= 32):
+        yield r0, r1
+        return
+    mid = int(np.searchsorted(indptr, (indptr[r0] + indptr[r1]) // 2, side="right")) - 1
+    mid = min(max(mid, r0 + 1), r1 - 1)
+    yield from _row_blocks(indptr, r0, mid, budget)
+    yield from _row_blocks(indptr, mid, r1, budget)
 
-    Returns ``(entry_index, position_in_row)`` in sorted order. ``select`` (bool mask) restricts to a subset
-    of entries (their positions are then counted among the selected entries of the row).
+
+def order_within_rows(indptr: np.ndarray, key32: np.ndarray, max_block_entries: int = 1 << 20) -> np.ndarray:
+    """Entry indices sorted by (row, ``key32`` ascending, entry index): one ``np.sort`` per block of rows.
+
+    ``indptr`` delimits rows over the entries of ``key32`` (uint32). Blocks hold whole rows and about
+    ``max_block_entries`` entries (cache-friendly, and ``row | key32 | entry`` fits 64 bits).
     """
-    rows = entries.rows()
-    offsets = np.arange(len(rows), dtype=np.int64) - entries.indptr[rows]
-    if select is not None:
-        rows, offsets, key32 = rows[select], offsets[select], key32[select]
-    if len(rows) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    ob = _bits(int(offsets.max()) + 1)
-    rb = _bits(entries.n_cells)
-    if rb + ob > 32:
-        raise ValueError("Chunk too large to sort in one key; use a smaller chunk_size.")
-    key = (rows.astype(np.uint64) << np.uint64(32 + ob)) | (key32.astype(np.uint64) << np.uint64(ob)) \
-        | offsets.astype(np.uint64)
-    key.sort()
-    srow = (key >> np.uint64(32 + ob)).astype(np.int64)
-    soff = (key & np.uint64((1 << ob) - 1)).astype(np.int64)
-    entry = entries.indptr[srow] + soff
-    sub_indptr = np.zeros(entries.n_cells + 1, dtype=np.int64)
-    np.cumsum(np.bincount(srow, minlength=entries.n_cells), out=sub_indptr[1:])
-    pos = np.arange(len(key), dtype=np.int64) - sub_indptr[srow]
-    return entry, pos
+    n_rows, n = len(indptr) - 1, len(key32)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    out = []
+    for r0, r1 in _row_blocks(indptr, 0, n_rows, max_block_entries):  # a few blocks per chunk, not per cell
+        e0, e1 = int(indptr[r0]), int(indptr[r1])
+        if e1 == e0:
+            continue
+        eb = _bits(e1 - e0)
+        key = np.repeat(np.arange(r1 - r0, dtype=np.uint64) << np.uint64(32 + eb), np.diff(indptr[r0:r1 + 1]))
+        key |= key32[e0:e1].astype(np.uint64) << np.uint64(eb)
+        key |= np.arange(e1 - e0, dtype=np.uint64)
+        key.sort()
+        out.append((key & np.uint64((1 << eb) - 1)).astype(np.int64) + e0)
+    return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+def _first_per_row(indptr: np.ndarray, n_take: int):
+    """Mask over row-major entries keeping the first ``n_take`` of each row, and the kept lengths."""
+    nnz = np.diff(indptr)
+    lengths = np.minimum(nnz, n_take)
+    if (nnz <= n_take).all():
+        return None, lengths
+    pos = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], nnz)
+    return pos < n_take, lengths
 
 
 def encode_rank(entries: CellEntries, medians: np.ndarray, n_genes: int) -> GeneSentences:
     """Rank encoding: top ``n_genes`` expressed genes by ``x_norm / median`` (desc, ties by token id)."""
     xn = entries.x_norm()
     score = (xn / medians[entries.token]).astype(np.float32)
-    desc = ~score.view(np.uint32)  # positive floats: bit pattern is monotone; complement -> descending
-    entry, pos = _sorted_rows(entries, desc)
-    keep = pos < n_genes
-    entry, pos = entry[keep], pos[keep]
-    row = np.repeat(np.arange(entries.n_cells, dtype=np.int64), np.diff(entries.indptr))[entry]
-    lengths = np.minimum(np.diff(entries.indptr), n_genes)
-    value = np.log1p(xn[entry]).astype(np.float32)
-    return GeneSentences(row=row, pos=pos, token=entries.token[entry], value=value, lengths=lengths)
+    entry = order_within_rows(entries.indptr, ~score.view(np.uint32))  # positive floats: complement -> descending
+    keep, lengths = _first_per_row(entries.indptr, n_genes)
+    if keep is not None:
+        entry = entry[keep]
+    return GeneSentences(token=entries.token[entry], value=np.log1p(xn[entry]).astype(np.float32), lengths=lengths)
 
 
-def cell_hashes(entries: CellEntries, seed: int) -> np.ndarray:
-    """uint64 per cell from the seed and the cell's content (matched token ids and float32 counts)."""
-    h = splitmix64(entries.token.astype(np.uint64) * _GOLDEN ^ entries.count.view(np.uint32).astype(np.uint64))
-    out = np.zeros(entries.n_cells, dtype=np.uint64)
-    nonempty = np.diff(entries.indptr) > 0
+#: Entries per block of rows in :func:`encode_rank_csr`: a block's working arrays (about 60 bytes per entry)
+#: stay in the L2 cache, so the ~20 element-wise passes and the sort run from cache rather than memory.
+RANK_BLOCK_ENTRIES = 1 << 14
+
+
+def encode_rank_csr(counts, colmap: ColumnMap, n_counts: np.ndarray, medians: np.ndarray, n_genes: int,
+                    block_entries: int = RANK_BLOCK_ENTRIES) -> GeneSentences | None:
+    """Rank encoding straight from a CSR chunk (input column order), one ``np.sort`` per block of rows.
+
+    Same sentences as ``encode_rank(gather_entries(...))`` without building the canonical (token-ordered)
+    entries first: each entry gets the key ``row in block | 31 bits descending score | token rank |
+    position in row``. The score is a positive float32 (sign bit 0, so 31 bits keep its order); the token
+    rank breaks ties by token id, so the input's column order does not matter; the position gives the
+    entry (count) back. Unmatched columns and explicit zeros get score 0 and token rank ``K`` (past every
+    token): they sort last in their row and are cut. Returns None when the fast path does not apply
+    (input columns mapping to the same token, which must be summed first; or a key wider than 64 bits):
+    the caller then uses the canonical path.
+
+    Rows are processed in blocks of about ``block_entries`` entries (whole rows; a loop over blocks of
+    cells, not over cells): every array of a block fits the L2 cache.
+    """
+    if colmap.has_duplicates:
+        return None
+    n_cells = counts.shape[0]
+    indptr = np.asarray(counts.indptr, dtype=np.int64)
+    nnz_row = np.diff(indptr)
+    n_tok = len(colmap.tokens)
+    kb, pb = _bits(n_tok + 1), _bits(int(nnz_row.max(initial=1)))
+    rb_max = 64 - 31 - kb - pb  # bits left for the row within a block
+    if rb_max < 0:
+        return None
+    tables = colmap.rank_tables(medians)
+    rank_shifted = tables[0] << np.uint64(pb)  # per input column: token rank (K if unmatched) << pb
+    med_col = tables[1]  # per input column: median (inf if unmatched: score 0)
+    nnz = int(indptr[-1])
+    data = counts.data[:nnz]
+    if data.dtype != np.float32:
+        data = data.astype(np.float32)
+    indices = counts.indices[:nnz]
+    lib = np.asarray(n_counts, dtype=np.float64)
+    # block boundaries (rows): about block_entries entries, at most 2**rb_max rows
+    cuts = np.union1d(np.searchsorted(indptr, np.arange(block_entries, nnz, block_entries)),
+                      np.arange(0, n_cells, 1 << min(rb_max, 30)))
+    cuts = np.union1d(cuts, [0, n_cells]).astype(np.int64)
+    s_score, s_pos = np.uint64(kb + pb), np.uint64(pb)
+    zero_fix = not data.all()
+    k_field = np.uint64(n_tok) << s_pos
+    tok_mask, pos_mask = np.uint64((1 << kb) - 1), np.uint64((1 << pb) - 1)
+    top = np.uint32(0x7FFFFFFF)
+    out_tok, out_val, out_len = [], [], []
+    for r0, r1 in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        if r1 == r0:
+            continue
+        e0, e1 = int(indptr[r0]), int(indptr[r1])
+        nr = nnz_row[r0:r1]
+        ix = indices[e0:e1]
+        xn = data[e0:e1].astype(np.float64)
+        xn /= np.repeat(lib[r0:r1], nr)
+        xn *= TARGET_SUM
+        score = (xn / med_col[ix]).astype(np.float32)
+        desc = top - score.view(np.uint32)  # larger score -> smaller key (positive floats: bits are monotone)
+        key = np.repeat(np.arange(r1 - r0, dtype=np.uint64) << np.uint64(31 + kb + pb), nr)
+        key |= desc.astype(np.uint64) << s_score
+        tr = rank_shifted[ix]
+        if zero_fix:
+            tr[data[e0:e1] == 0] = k_field
+        key |= tr
+        start = np.repeat(indptr[r0:r1] - e0, nr)
+        pos = np.arange(e1 - e0, dtype=np.int64) - start
+        key |= pos.view(np.uint64)
+        key.sort()
+        n_valid = nr - np.bincount(np.searchsorted(indptr[r0 + 1:r1 + 1] - e0, np.flatnonzero(tr == k_field),
+                                                   side="right"), minlength=r1 - r0)
+        lengths = np.minimum(n_valid, n_genes)
+        if not (lengths == nr).all():
+            key = key[pos < np.repeat(lengths, nr)]
+            start = np.repeat(indptr[r0:r1] - e0, lengths)
+        entry = (key & pos_mask).view(np.int64) + start
+        out_tok.append(colmap.tokens[((key >> s_pos) & tok_mask).view(np.int64)])
+        out_val.append(np.log1p(xn[entry]).astype(np.float32))
+        out_len.append(lengths)
+    if not out_len:
+        return GeneSentences(token=np.zeros(0, np.int64), value=np.zeros(0, np.float32),
+                             lengths=np.zeros(n_cells, np.int64))
+    return GeneSentences(token=np.concatenate(out_tok), value=np.concatenate(out_val),
+                         lengths=np.concatenate(out_len))
+
+
+def cell_hashes(entries: CellEntries, seed: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """uint64 per cell from the seed and the cell's content (its expressed token ids and float32 counts).
+
+    ``rows`` (bool mask) limits the work to those cells; the others get 0.
+    """
+    nnz_row = np.diff(entries.indptr)
+    if rows is None:
+        rows = np.ones(entries.n_cells, dtype=bool)
+    select = np.repeat(rows, nnz_row)
+    sub_indptr, idx = _sub_rows(entries.indptr, select)
+    count = entries.count[idx]
+    with np.errstate(over="ignore"):
+        h = splitmix64(entries.token[idx].astype(np.uint64) * _GOLDEN ^ count.view(np.uint32).astype(np.uint64))
+    h[count == 0] = 0  # zero entries (include_zero_genes) do not change a cell's identity
+    sums = np.zeros(entries.n_cells, dtype=np.uint64)
+    nonempty = np.diff(sub_indptr) > 0
     if nonempty.any():
         with np.errstate(over="ignore"):
-            out[nonempty] = np.add.reduceat(h, entries.indptr[:-1][nonempty])
-    return splitmix64(out ^ splitmix64(np.uint64(seed % (1 << 64)) + _GOLDEN))
+            sums[nonempty] = np.add.reduceat(h, sub_indptr[:-1][nonempty])
+    out = splitmix64(sums ^ splitmix64(np.uint64(seed % (1 << 64)) + _GOLDEN))
+    out[~rows] = 0
+    return out
 
 
 def entry_hash32(cell_hash: np.ndarray, token: np.ndarray) -> np.ndarray:
@@ -200,57 +358,66 @@ def entry_hash32(cell_hash: np.ndarray, token: np.ndarray) -> np.ndarray:
     return (splitmix64(z) >> np.uint64(32)).astype(np.uint32)
 
 
-def sample_mask(entries: CellEntries, n_genes: int, hashes: np.ndarray) -> np.ndarray:
+def _sub_rows(indptr: np.ndarray, select: np.ndarray):
+    """indptr of the selected entries (row structure kept) and their indices in the full arrays."""
+    cum = np.concatenate(([0], np.cumsum(select)))
+    return cum[indptr].astype(np.int64), np.flatnonzero(select)
+
+
+def sample_mask(entries: CellEntries, n_genes: int, hashes: np.ndarray) -> np.ndarray | None:
     """Bool mask over entries: all of a row when it has <= ``n_genes`` entries, else the ``n_genes`` entries
-    with the smallest ``entry_hash32(hashes[row], token)`` (ties by token id)."""
+    with the smallest ``entry_hash32(hashes[row], token)`` (ties by token id). None when nothing is dropped."""
     nnz_row = np.diff(entries.indptr)
-    keep = np.ones(len(entries.token), dtype=bool)
     long_rows = nnz_row > n_genes
     if not long_rows.any():
-        return keep
-    rows = entries.rows()
-    select = long_rows[rows]
-    h = np.zeros(len(rows), dtype=np.uint32)
-    h[select] = entry_hash32(hashes[rows[select]], entries.token[select])
-    entry, pos = _sorted_rows(entries, h, select)
-    keep[select] = False
-    keep[entry[pos < n_genes]] = True
+        return None
+    select = np.repeat(long_rows, nnz_row)
+    sub_indptr, idx = _sub_rows(entries.indptr, select)
+    h = entry_hash32(np.repeat(hashes[long_rows], nnz_row[long_rows]), entries.token[idx])
+    order = order_within_rows(sub_indptr, h)
+    first, _ = _first_per_row(sub_indptr, n_genes)
+    keep = ~select
+    keep[idx[order[first]]] = True
     return keep
 
 
 def quantile_bins(entries: CellEntries, n_bins: int) -> np.ndarray:
     """Per-entry bin (int64) of non-zero counts, ``1 + floor((n_bins-1) * r / n)`` (see module docstring)."""
     nz = entries.count > 0
-    entry, _ = _sorted_rows(entries, entries.count.view(np.uint32), nz)  # positive floats: bits are monotone
     bins = np.zeros(len(entries.token), dtype=np.int64)
-    if len(entry) == 0:
+    if not nz.any():
         return bins
-    rows = entries.rows()
-    srow, sval = rows[entry], entries.count[entry]
-    idx = np.arange(len(entry), dtype=np.int64)
-    new = np.ones(len(entry), dtype=bool)
-    new[1:] = (srow[1:] != srow[:-1]) | (sval[1:] != sval[:-1])
-    group_start = np.maximum.accumulate(np.where(new, idx, 0))
-    row_start = np.zeros(entries.n_cells + 1, dtype=np.int64)
-    n_per_row = np.bincount(srow, minlength=entries.n_cells)
-    np.cumsum(n_per_row, out=row_start[1:])
-    r = group_start - row_start[srow]
-    bins[entry] = 1 + ((n_bins - 1) * r) // n_per_row[srow]
+    if nz.all():
+        sub_indptr, idx = entries.indptr, None
+        counts = entries.count
+    else:
+        sub_indptr, idx = _sub_rows(entries.indptr, nz)
+        counts = entries.count[idx]
+    order = order_within_rows(sub_indptr, counts.view(np.uint32))  # positive floats: bits are monotone
+    sval = counts[order]
+    n_per_row = np.diff(sub_indptr)
+    row_start = np.repeat(sub_indptr[:-1], n_per_row)
+    i = np.arange(len(order), dtype=np.int64)
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = sval[1:] != sval[:-1]
+    new[sub_indptr[:-1][n_per_row > 0]] = True  # a row's first entry starts a group
+    r = np.maximum.accumulate(np.where(new, i, 0)) - row_start
+    b = 1 + ((n_bins - 1) * r) // np.repeat(n_per_row, n_per_row)
+    target = order if idx is None else idx[order]
+    bins[target] = b
     return bins
 
 
-def _compact(entries: CellEntries, keep: np.ndarray, values: np.ndarray) -> GeneSentences:
-    rows = entries.rows()[keep]
-    lengths = np.bincount(rows, minlength=entries.n_cells).astype(np.int64)
-    starts = np.zeros(entries.n_cells + 1, dtype=np.int64)
-    np.cumsum(lengths, out=starts[1:])
-    pos = np.arange(len(rows), dtype=np.int64) - starts[rows]
-    return GeneSentences(row=rows, pos=pos, token=entries.token[keep], value=values[keep], lengths=lengths)
+def _compact(entries: CellEntries, keep: np.ndarray | None, values: np.ndarray) -> GeneSentences:
+    if keep is None:
+        return GeneSentences(token=entries.token, value=values, lengths=np.diff(entries.indptr))
+    sub_indptr, _ = _sub_rows(entries.indptr, keep)
+    return GeneSentences(token=entries.token[keep], value=values[keep], lengths=np.diff(sub_indptr))
 
 
 def encode_continuous(entries: CellEntries, n_genes: int, seed: int) -> GeneSentences:
     """Continuous encoding: expressed genes (seeded sample beyond ``n_genes``), vocabulary order, log1p(x_norm)."""
-    keep = sample_mask(entries, n_genes, cell_hashes(entries, seed))
+    keep = sample_mask(entries, n_genes, cell_hashes(entries, seed, np.diff(entries.indptr) > n_genes))
     values = np.log1p(entries.x_norm()).astype(np.float32)
     return _compact(entries, keep, values)
 
@@ -271,34 +438,40 @@ def encode_binned(entries: CellEntries, n_genes: int, seed: int, n_bins: int,
     With ``include_zero_genes`` every matched gene of the input is a candidate (zeros as bin 0); the sample
     then draws from all of them. The cell hash is taken over the expressed genes either way.
     """
-    hashes = cell_hashes(entries, seed)
     if include_zero_genes:
+        hashes = cell_hashes(entries, seed, np.full(entries.n_cells, len(all_tokens) > n_genes))
         entries = with_zero_genes(entries, all_tokens)
+    else:
+        hashes = cell_hashes(entries, seed, np.diff(entries.indptr) > n_genes)
     bins = quantile_bins(entries, n_bins)
     keep = sample_mask(entries, n_genes, hashes)
     return _compact(entries, keep, bins.astype(np.float32))
 
 
 def assemble(sentences: list[GeneSentences], prefix: list[int], suffix: list[int], pad_to: int | None):
-    """Padded ``(input_ids int64, values float32, attention_mask int64)`` arrays of whole sentences.
+    """Padded ``(input_ids int64, values float32, attention_mask int64, lengths)`` of whole sentences.
 
     ``pad_to`` None pads to the longest sentence. Specials carry value 0.0; padding is id 0, value 0.0.
+    Gene parts are written with one boolean-mask assignment per chunk (row-major order = sentence order).
     """
     lengths = np.concatenate([s.lengths for s in sentences]) if sentences else np.zeros(0, np.int64)
     n_pre, n_suf = len(prefix), len(suffix)
     total = lengths + n_pre + n_suf
-    width = int(total.max()) if pad_to is None and len(total) else (pad_to or 0)
-    B = len(lengths)
-    ids = np.zeros((B, width), dtype=np.int64)
-    values = np.zeros((B, width), dtype=np.float32)
+    width = int(total.max(initial=0)) if pad_to is None else max(int(pad_to), int(total.max(initial=0)))
+    n_cells = len(lengths)
+    ids = np.zeros((n_cells, width), dtype=np.int64)
+    values = np.zeros((n_cells, width), dtype=np.float32)
     if n_pre:
         ids[:, :n_pre] = prefix
-    offset = 0
+    gene_width = int(lengths.max(initial=0))
+    row0 = 0
     for s in sentences:  # one iteration per chunk, not per cell
-        ids[offset + s.row, n_pre + s.pos] = s.token
-        values[offset + s.row, n_pre + s.pos] = s.value
-        offset += len(s.lengths)
+        rows = slice(row0, row0 + len(s.lengths))
+        inside = np.arange(gene_width)[None, :] < s.lengths[:, None]
+        ids[rows, n_pre:n_pre + gene_width][inside] = s.token
+        values[rows, n_pre:n_pre + gene_width][inside] = s.value
+        row0 += len(s.lengths)
     for j, tid in enumerate(suffix):
-        ids[np.arange(B), n_pre + lengths + j] = tid
+        ids[np.arange(n_cells), n_pre + lengths + j] = tid
     mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
     return ids, values, mask, total

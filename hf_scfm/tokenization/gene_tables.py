@@ -71,39 +71,29 @@ def species_of_ids(ids) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class GeneTable:
-    """One species' GENCODE genes: unversioned IDs (sorted), symbols and biotypes, with lookups."""
+    """One species' GENCODE genes: unversioned IDs (sorted), symbols and biotypes, with lookups.
+
+    ``id_index``: ID -> row; ``symbol_index``: upper-cased symbol -> rows of every gene carrying it.
+    """
 
     species: str
     ids: tuple[str, ...]
     symbols: tuple[str, ...]
     biotypes: tuple[str, ...]
+    id_index: dict[str, int] = field(init=False, repr=False)
+    symbol_index: dict[str, tuple[int, ...]] = field(init=False, repr=False)
 
-    @property
-    def id_index(self) -> dict[str, int]:
-        return _id_index(self)
-
-    @property
-    def symbol_index(self) -> dict[str, tuple[int, ...]]:
-        """Upper-cased symbol -> row numbers of every gene carrying it."""
-        return _symbol_index(self)
+    def __post_init__(self):
+        self.id_index = {g: i for i, g in enumerate(self.ids)}
+        by_symbol: dict[str, list[int]] = {}
+        for i, sym in enumerate(self.symbols):
+            by_symbol.setdefault(sym.upper(), []).append(i)
+        self.symbol_index = {k: tuple(v) for k, v in by_symbol.items()}
 
     def __len__(self) -> int:
         return len(self.ids)
-
-
-@lru_cache(maxsize=None)
-def _id_index(table: GeneTable) -> dict[str, int]:
-    return {g: i for i, g in enumerate(table.ids)}
-
-
-@lru_cache(maxsize=None)
-def _symbol_index(table: GeneTable) -> dict[str, tuple[int, ...]]:
-    out: dict[str, list[int]] = {}
-    for i, s in enumerate(table.symbols):
-        out.setdefault(s.upper(), []).append(i)
-    return {k: tuple(v) for k, v in out.items()}
 
 
 @lru_cache(maxsize=None)
@@ -194,33 +184,31 @@ def canonical_gene_ids(names, table: GeneTable | None, ambiguous: str = "protein
     reasons: list[str | None] = []
     candidates: dict[str, list[str]] = {}
     resolved: dict[str, str] = {}
-    id_index = table.id_index if table is not None else None
-    sym_index = table.symbol_index if table is not None else {}
     for raw in names:
         name = str(raw).strip()
-        m = _ENSEMBL_RE.match(name)
-        if m:
-            gid = m.group(1).upper()
-            if id_index is None or gid in id_index:
-                ids.append(gid), reasons.append(None)
-            else:
-                ids.append(None), reasons.append("unknown")
-            continue
-        rows = sym_index.get(name.upper())
-        if not rows:
-            ids.append(None), reasons.append("unknown")
-        elif len(rows) == 1:
-            ids.append(table.ids[rows[0]]), reasons.append(None)
-        else:
-            cands = [table.ids[r] for r in rows]
-            coding = [table.ids[r] for r in rows if table.biotypes[r] == "protein_coding"]
-            if ambiguous == "protein_coding" and len(coding) == 1:
-                ids.append(coding[0]), reasons.append(None)
-                resolved[name] = coding[0]
-            else:
-                ids.append(None), reasons.append("ambiguous symbol")
-                candidates[name] = cands
+        gene_id, reason = _canonical_id(name, table, ambiguous, candidates, resolved)
+        ids.append(gene_id)
+        reasons.append(reason)
     return ids, reasons, candidates, resolved
+
+
+def _canonical_id(name: str, table: GeneTable | None, ambiguous: str, candidates: dict, resolved: dict):
+    """``(gene ID, None)`` or ``(None, reason)`` for one stripped input name (records ambiguity details)."""
+    m = _ENSEMBL_RE.match(name)
+    if m:
+        gene_id = m.group(1).upper()
+        return (gene_id, None) if table is None or gene_id in table.id_index else (None, "unknown")
+    rows = table.symbol_index.get(name.upper()) if table is not None else None
+    if not rows:
+        return None, "unknown"
+    if len(rows) == 1:
+        return table.ids[rows[0]], None
+    coding = [table.ids[r] for r in rows if table.biotypes[r] == "protein_coding"]
+    if ambiguous == "protein_coding" and len(coding) == 1:
+        resolved[name] = coding[0]
+        return coding[0], None
+    candidates[name] = [table.ids[r] for r in rows]
+    return None, "ambiguous symbol"
 
 
 def map_genes(names, vocab: dict[str, int], table: GeneTable | None, ambiguous: str = "protein_coding"):

@@ -102,7 +102,9 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--hub-strategy", default="every_save", choices=["every_save", "end"])
     parser.add_argument("--hub-private", action="store_true")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    parser.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    # Test hooks: stop cleanly after N steps (as if killed right after), or hang there until killed for real.
+    parser.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--hang-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -332,8 +334,11 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, title: str) -> Path | No
     held = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed: no %s (pip install matplotlib).", png_path.name)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -387,12 +392,16 @@ def evaluate_loss(model, held, collator, args, accelerator) -> float | None:
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def _save_model_files(unwrapped, tokenizer, folder: Path, family) -> None:
+def _save_model_files(accelerator, model, tokenizer, folder: Path, family) -> None:
+    """``save_pretrained`` of model + tokenizer + remote code. Call on every process: the full state dict is
+    gathered collectively (needed under FSDP/DeepSpeed ZeRO-3), then only the main process writes."""
     from .remote_code import export_remote_code
 
-    unwrapped.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    export_remote_code(folder, family)
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        export_remote_code(folder, family)
 
 
 def save_checkpoint(accelerator, model, tokenizer, family, args, step: int, stream: BatchStream) -> Path:
@@ -407,8 +416,8 @@ def save_checkpoint(accelerator, model, tokenizer, family, args, step: int, stre
     accelerator.save_state(str(partial), safe_serialization=True)
     (partial / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(stream.state()) + "\n")
     accelerator.wait_for_everyone()
+    _save_model_files(accelerator, model, tokenizer, partial, family)
     if accelerator.is_main_process:
-        _save_model_files(accelerator.unwrap_model(model), tokenizer, partial, family)
         state = {key: getattr(args, key) for key in
                  ("model", "preset", "objective", "batch_size", "gradient_accumulation_steps", "seed", "max_steps",
                   "world_size", "corpus")}
@@ -559,6 +568,10 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
             folder = save_checkpoint(accelerator, model, tokenizer, family, args, step, stream)
             if pusher is not None:
                 pusher.on_save(folder, step)
+        if args.hang_after_steps is not None and step >= args.hang_after_steps:
+            (out / f"hanging-at-step-{step}").touch()
+            while True:  # wait for SIGKILL (tests of resuming after a real kill)
+                time.sleep(1)
         if args.stop_after_steps is not None and step >= args.stop_after_steps:
             bar.close()
             metrics.close()
@@ -569,9 +582,9 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {"final_step": step, "final_loss": last_loss, "eval_loss": eval_loss, "out": str(out)}
+    _save_model_files(accelerator, model, tokenizer, out, family)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        _save_model_files(unwrapped, tokenizer, out, family)
         metrics.close()
         png = plot_loss_curve(out / METRICS_FILE, out / LOSS_CURVE, f"{family.name} ({args.preset}) pretraining")
         summary["loss_curve"] = str(png) if png else None

@@ -79,7 +79,7 @@ def remote_code_files(family: Family) -> dict[str, Path]:
             continue
         found[name] = path
         for level, module in _relative_imports(path):
-            if module == "" :
+            if module == "":
                 raise RuntimeError(f"{path}: `from {'.' * level} import ...` cannot be flattened; import a module.")
             todo.append(_resolve(path, level, module))
     return found

@@ -11,6 +11,15 @@ One forward pass, top to bottom:
    no value part. No position embedding: genes form a set.
 2. ``num_hidden_layers`` × :class:`CellFMLayer` (ERetNet): ``Y = LN(MHA(X) + λX)``, ``X' = LN(SGLU(Y) + λY)``.
 3. ``cell_embedding`` = last hidden state of ``<cls>`` (position 0).
+
+Choices where the paper is silent (each explained where it lives):
+
+- the retention output gate is ``SiLU(X Wg)`` and each head's output is RMS-normalised before it, as in RetNet's
+  gated retention (:class:`CellFMRetention`); Q, K, V keep the paper's literal ``/d`` scaling;
+- DeepNorm ``λ = (2N)^{1/4}`` and init gain ``β = (8N)^{-1/4}`` (DeepNet, encoder-only) by default;
+- the cell-level loss term is a bilinear read-out of each masked gene's value from ``<cls>`` and the gene's ID
+  embedding (:class:`CellFMCellValueHead`);
+- SGLU width = ``d``, which puts the paper presets at 80 M / 800 M parameters.
 """
 
 from __future__ import annotations
@@ -200,9 +209,9 @@ class CellFMRetention(nn.Module):
             out = linear_retention(q, k, v, attention_mask=attention_mask, backend=self.backend)
         else:
             out = linear_retention_reference(q, k, v, attention_mask=attention_mask)
-        # [B, H, L, Dh] -> per-head RMS normalisation in float32 -> [B, L, d]
+        # [B, H, L, Dh] -> per-head RMS normalisation in float32 (or float64) -> [B, L, d]
         # Undo the constant 1/d³ first so that the epsilon has its usual meaning (the norm is scale-invariant).
-        out32 = out.float() * self.unscale
+        out32 = out.to(torch.promote_types(out.dtype, torch.float32)) * self.unscale
         out32 = out32 * torch.rsqrt(out32.pow(2).mean(dim=-1, keepdim=True) + self.norm_eps)
         out = out32.to(hidden_states.dtype).transpose(1, 2).reshape(batch, length, d) * self.head_norm_weight
         return self.o_proj(F.silu(self.g_proj(hidden_states)) * out)

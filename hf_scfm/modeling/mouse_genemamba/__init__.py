@@ -3,6 +3,16 @@
 Importing this subpackage registers the config and models with the transformers Auto classes
 (``AutoConfig``, ``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForMaskedLM``,
 ``AutoModelForSequenceClassification``) under ``model_type="mouse_genemamba"``.
+
+Five lines from real mouse cells to next-gene logits and cell embeddings::
+
+    import hf_scfm
+    adata = hf_scfm.load_example("baron_mouse")
+    tok = hf_scfm.GeneTokenizer.from_species("mouse", encoding="rank"); tok.fit_medians(adata)
+    config = hf_scfm.MouseGeneMambaConfig.from_preset("tiny", vocab_checksum=tok.vocab_checksum)
+    out = hf_scfm.MouseGeneMambaForCausalLM(config)(**tok(adata[:8], max_length=128, return_tensors="pt"))
+
+``out.logits`` ``[8, 128, 78323]`` are the next-gene logits and ``out.cell_embedding`` ``[8, 64]`` the cells.
 """
 
 from transformers import (

@@ -209,6 +209,11 @@ class MouseGeneMambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(self.intermediate_size))
         self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
 
+    def _A_D(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A = -exp(A_log)`` and ``D``, in at least float32 (half-precision models keep the SSM in float32)."""
+        dtype = torch.promote_types(self.A_log.dtype, torch.float32)
+        return -torch.exp(self.A_log.to(dtype)), self.D.to(dtype)
+
     def _ssm_params(self, x: torch.Tensor):
         """``x [..., d_inner]`` -> ``Δ [..., d_inner]`` (before softplus), ``B``, ``C`` ``[..., N]``."""
         dt, B, C = torch.split(self.x_proj(x), [self.time_step_rank, self.state_size, self.state_size], dim=-1)
@@ -234,14 +239,14 @@ class MouseGeneMambaMixer(nn.Module):
         if mask is not None:
             x = x * mask
         dt, B, C = self._ssm_params(x.transpose(1, 2))
-        A = -torch.exp(self.A_log.float())
+        A, D = self._A_D()
         y = selective_scan(
             x,
             dt.transpose(1, 2),
             A,
             B.transpose(1, 2),
             C.transpose(1, 2),
-            D=self.D.float(),
+            D=D,
             z=z,
             delta_softplus=True,
             return_last_state=cache_params is not None,
@@ -257,7 +262,7 @@ class MouseGeneMambaMixer(nn.Module):
         conv_state = cache_params.conv_states[self.layer_idx]
         ssm_state = cache_params.ssm_states[self.layer_idx]
         conv_weight = self.conv1d.weight.squeeze(1)
-        A = -torch.exp(self.A_log.float())
+        A, D = self._A_D()
         outputs = []
         for t in range(hidden_states.shape[1]):
             x, z = self.in_proj(hidden_states[:, t]).chunk(2, dim=-1)  # [B, d_inner] each
@@ -266,7 +271,7 @@ class MouseGeneMambaMixer(nn.Module):
             )
             dt, B, C = self._ssm_params(x)
             y = selective_state_update(
-                ssm_state, x, dt, A, B, C, D=self.D.float(), z=z, dt_softplus=True, backend=self.backend
+                ssm_state, x, dt, A, B, C, D=D, z=z, dt_softplus=True, backend=self.backend
             )
             outputs.append(y)
         y = torch.stack(outputs, dim=1)
@@ -299,8 +304,8 @@ class MouseGeneMambaCache:
     """The recurrent state of every block, what a Mamba model carries from one token to the next.
 
     Per block ``i``: ``conv_states[i]`` ``[B, d_inner, conv_kernel]`` (the last ``conv_kernel`` inputs of the causal
-    convolution, oldest first) and ``ssm_states[i]`` ``[B, d_inner, state_size]`` (at least float32). Its size does not grow
-    with the sentence: that is the point of a recurrent model. ``seqlen_offset`` counts the tokens consumed.
+    convolution, oldest first) and ``ssm_states[i]`` ``[B, d_inner, state_size]`` (at least float32). Its size does
+    not grow with the sentence: that is the point of a recurrent model. ``seqlen_offset`` counts the tokens consumed.
 
     The first forward with an empty cache runs the whole prompt in parallel (the scan) and stores the final states;
     later forwards consume tokens recurrently. Continuation assumes each prompt's real tokens end in the last
@@ -648,7 +653,8 @@ class MouseGeneMambaForCausalLM(MouseGeneMambaPreTrainedModel, GenerationMixin):
                 values = values.new_full(input_ids.shape, self.config.generated_value)
             attention_mask = None  # generated tokens are real tokens
         elif values is not None and values.shape[1] < input_ids.shape[1]:
-            extra = values.new_full((values.shape[0], input_ids.shape[1] - values.shape[1]), self.config.generated_value)
+            n_gen = input_ids.shape[1] - values.shape[1]
+            extra = values.new_full((values.shape[0], n_gen), self.config.generated_value)
             values = torch.cat([values, extra], dim=1)
         inputs = {
             "input_ids": input_ids.to(self.device),

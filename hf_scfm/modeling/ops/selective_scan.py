@@ -102,9 +102,9 @@ def selective_scan_reference(
     inp = (delta * u_c).unsqueeze(-1) * B.transpose(-1, -2)  # [b, D, L, N]
     h = u_c.new_zeros(batch, dim, A.shape[1])
     ys = []
-    for t in range(length):
-        h = decay[:, :, t] * h + inp[:, :, t]
-        ys.append((h * C[..., t]).sum(-1))
+    for decay_t, inp_t, C_t in zip(decay.unbind(2), inp.unbind(2), C.unbind(-1)):
+        h = decay_t * h + inp_t
+        ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u_c.new_zeros(batch, dim, 0)
     out = _finish(y, u_c, D, z, u.dtype)
     return (out, h) if return_last_state else out
@@ -255,9 +255,30 @@ def selective_state_update(
     batch, dim, n_state = state.shape
     if A.shape != (dim, n_state):
         raise ValueError(f"A must be [D, N] = [{dim}, {n_state}], got {tuple(A.shape)}.")
+    if (
+        B.dim() not in (2, 3) or C.shape != B.shape or B.shape[0] != batch or B.shape[-1] != n_state
+        or (B.dim() == 3 and dim % B.shape[1] != 0)
+    ):
+        raise ValueError(
+            f"B and C must both be [batch, N] = [{batch}, {n_state}] or [batch, groups, N] with groups "
+            f"dividing {dim}; got {tuple(B.shape)} and {tuple(C.shape)}."
+        )
     kernel = resolve_kernel("selective_state_update", backend, state, x, dt, A, B, C)
     if kernel is not None:
-        return kernel(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        if B.dim() == 2:
+            return kernel(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+        # grouped B/C: the kernel wants [batch, groups, D/groups, ...] views of everything else
+        g = B.shape[1]
+
+        def grouped(t):  # [batch, D] -> [batch, groups, D/groups]
+            return None if t is None else t.reshape(batch, g, dim // g)
+
+        y = kernel(
+            state.view(batch, g, dim // g, n_state), grouped(x), grouped(dt), A.view(g, dim // g, n_state), B, C,
+            D=None if D is None else D.view(g, dim // g), z=grouped(z),
+            dt_bias=None if dt_bias is None else dt_bias.view(g, dim // g), dt_softplus=dt_softplus,
+        )
+        return y.reshape(batch, dim)
     dtype = compute_dtype(x.dtype)
     dt = dt.to(dtype)
     if dt_bias is not None:

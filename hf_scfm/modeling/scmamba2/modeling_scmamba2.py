@@ -232,13 +232,14 @@ class ScMamba2Embeddings(nn.Module):
     def __init__(self, config: ScMamba2Config):
         super().__init__()
         self.gene_embedding = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.gene_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.expression_encoder = ScMamba2ExpressionEncoder(config)
         self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         self.mask_value = config.mask_value
         self.value_scale = config.expression_scale
 
     def forward(self, input_ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        genes = self.gene_embedding(input_ids)
+        genes = self.gene_norm(self.gene_embedding(input_ids))
         masked = values == self.mask_value
         values = values.to(genes.dtype).masked_fill(masked, 0.0) * self.value_scale
         expression = self.expression_encoder(values)
@@ -406,13 +407,13 @@ class ScMamba2PreTrainedModel(PreTrainedModel):
                 )
         elif isinstance(module, ScMamba2Embeddings):
             init.normal_(module.mask_embedding, mean=0.0, std=cfg.initializer_range)
-        elif isinstance(module, ScMamba2ExpressionEncoder):
-            # PyTorch's default Linear init (uniform weight and bias, +-1/sqrt(fan_in)). The biases matter:
-            # with zero biases, LayerNorm(W2 relu(w1 * v)) is scale-invariant in v, so every non-zero bin
-            # would get the same embedding. A bias spread of +-1 over bins 0..50 switches units on at
-            # different values (a quarter of them inside the scaled bin range [0, 1]), so the encoding moves
-            # with the bin from the start.
-            for linear in (module.linear1, module.linear2):
+            # The expression encoder gets PyTorch's default Linear init (uniform weight and bias,
+            # +-1/sqrt(fan_in)). The biases matter: with zero biases, LayerNorm(W2 relu(w1 * v)) is
+            # scale-invariant in v, so every non-zero bin would get the same embedding. A bias spread of
+            # +-1 switches units on at different values (a quarter of them inside the scaled bin range
+            # [0, 1]), so the encoding moves with the bin from the start. (Done here, on the parent that owns
+            # a parameter: transformers skips modules without direct parameters in non-library models.)
+            for linear in (module.expression_encoder.linear1, module.expression_encoder.linear2):
                 bound = 1.0 / math.sqrt(linear.in_features)
                 init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
                 init.uniform_(linear.bias, -bound, bound)

@@ -1,0 +1,142 @@
+"""Fine-tuning for annotation (hf_scfm.training.finetune): LoRA changes only adapters and head, merge is exact,
+the label map travels with the model, bad checkpoints fail clearly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_scfm.training.families import FAMILIES
+from hf_scfm.training.finetune import add_finetune_arguments, finetune, finetune_command, load_finetuned
+from hf_scfm.training.hub import CheckpointError
+
+from test_pretrain import ENCODING, small_adata, small_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A pretrained (randomly initialised, tiny) checkpoint per family with its tokenizer, and a labelled h5ad."""
+    root = tmp_path_factory.mktemp("finetune")
+    out = {}
+    for name in ("cellfm", "mouse_genemamba"):
+        species, encoding = ENCODING[name]
+        adata = small_adata(species, n_cells=48)
+        tok = small_tokenizer(adata, species, encoding)
+        family = FAMILIES[name]
+        torch.manual_seed(0)
+        config = family.config_cls.from_preset("tiny", vocab_size=len(tok), vocab_checksum=tok.vocab_checksum)
+        model = family.pretraining_cls()(config)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        adata.write_h5ad(root / f"{name}.h5ad")
+        out[name] = (root / name, root / f"{name}.h5ad")
+    return out
+
+
+def parse(*argv: str):
+    import argparse
+
+    return add_finetune_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def ft_args(model: Path, h5ad: Path, out: Path, *extra: str):
+    return parse("--model", str(model), "--train", str(h5ad), "--eval", str(h5ad), "--label-key", "cell_type",
+                 "--out", str(out), "--max-steps", "4", "--batch-size", "8", "--max-length", "64", *extra)
+
+
+@pytest.mark.parametrize("name", ["cellfm", "mouse_genemamba"])
+def test_lora_changes_only_adapters_and_head_and_merge_is_exact(setup, tmp_path, name):
+    model_dir, h5ad = setup[name]
+    family = FAMILIES[name]
+    result = finetune(ft_args(model_dir, h5ad, tmp_path / "adapter"))
+    assert set(result["metrics"]) >= {"eval_accuracy", "eval_f1_macro", "eval_precision_macro", "eval_recall_macro"}
+    assert 0.0 <= result["metrics"]["eval_accuracy"] <= 1.0
+
+    adapter_dir = tmp_path / "adapter"
+    assert (adapter_dir / "adapter_config.json").exists() and not (adapter_dir / "config.json").exists()
+    saved = load_file(adapter_dir / "adapter_model.safetensors")
+    head = family.classifier_modules[0]
+    assert all("lora_" in k or f".{head}." in k for k in saved), sorted(saved)
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: these were trained
+
+    peft_model = load_finetuned(adapter_dir).eval()
+    pretrained = load_file(model_dir / "model.safetensors")
+    prefix = f"{peft_model.get_base_model().base_model_prefix}."
+    checked = 0
+    for key, value in peft_model.get_base_model().state_dict().items():
+        plain = key.replace(".base_layer", "")
+        if "lora_" in key or f"{head}." in key or plain not in pretrained:
+            continue
+        assert plain.startswith(prefix) and torch.equal(value, pretrained[plain]), key
+        checked += 1
+    assert checked > 10  # the whole backbone, frozen
+
+    label_map = json.loads((adapter_dir / "label_map.json").read_text())
+    assert peft_model.get_base_model().config.id2label == {int(k): v for k, v in label_map["id2label"].items()}
+
+    # --merge with the same seed trains the same adapters; the merged model gives the adapter model's outputs
+    merged_dir = tmp_path / "merged"
+    finetune(ft_args(model_dir, h5ad, merged_dir, "--merge"))
+    merged = load_finetuned(merged_dir).eval()
+    assert type(merged).__name__ == family.classification_class
+    assert json.loads((merged_dir / "config.json").read_text())["label2id"] == label_map["label2id"]
+    assert (merged_dir / "README.md").exists() and (merged_dir / f"modeling_{name}.py").exists()
+    import anndata
+
+    from hf_scfm.tokenization import GeneTokenizer
+
+    tok = GeneTokenizer.from_pretrained(str(merged_dir))
+    batch = tok(anndata.read_h5ad(h5ad)[:6], max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+        got = merged(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_bad_checkpoints_fail_clearly(setup, tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    _, h5ad = setup["cellfm"]
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)).save_pretrained(bert)
+    (bert / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="model_type 'bert', which is not an hf-scfm model family"):
+        finetune(ft_args(bert, h5ad, tmp_path / "o"))
+
+    broken = tmp_path / "broken"
+    model_dir, _ = setup["cellfm"]
+    broken.mkdir()
+    for item in model_dir.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[:1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        finetune(ft_args(broken, h5ad, tmp_path / "o"))
+    (broken / "model.safetensors").unlink()
+    assert finetune_command(ft_args(broken, h5ad, tmp_path / "o")) == 2
+    assert "has config.json but no weights" in capsys.readouterr().err
+
+    with pytest.raises(ValueError, match="no obs column 'donor'"):
+        finetune(parse("--model", str(model_dir), "--train", str(h5ad), "--label-key", "donor", "--out",
+                       str(tmp_path / "o")))
+
+
+def test_metrics_match_sklearn():
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    from hf_scfm.training.finetune import classification_metrics
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 97)
+    preds = np.where(rng.random(97) < 0.6, labels, rng.integers(0, 6, 97))  # class 5 predicted, never true
+    got = classification_metrics(preds, labels)
+    assert got["accuracy"] == pytest.approx(accuracy_score(labels, preds), abs=1e-12)
+    for key, fn in (("f1_macro", f1_score), ("precision_macro", precision_score), ("recall_macro", recall_score)):
+        assert got[key] == pytest.approx(fn(labels, preds, average="macro", zero_division=0), abs=1e-12), key
