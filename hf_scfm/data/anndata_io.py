@@ -105,7 +105,9 @@ def open_count_source(source, gene_ids=None, layer: str | None = None, n_counts=
         obs = adata.obs
         if n_counts is None and "n_counts" in obs.columns:
             n_counts = obs["n_counts"].to_numpy()
-        var_names = [str(v) for v in adata.var_names]
+        var_names = adata.var_names.tolist()
+        if not all(type(v) is str for v in var_names):
+            var_names = [str(v) for v in var_names]
         n_obs = adata.n_obs
     elif isinstance(source, pd.DataFrame):
         matrix, var_names, obs, n_obs = source.to_numpy(), [str(c) for c in source.columns], pd.DataFrame(index=source.index.astype(str)), len(source)

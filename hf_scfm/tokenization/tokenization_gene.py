@@ -329,7 +329,9 @@ class GeneTokenizer(TokenizersBackend):
     # ------------------------------------------------------------------ gene mapping
     def _column_map(self, var_names):
         """``(ColumnMap, MappingReport)`` for these input genes; cached per distinct ``var_names``."""
-        key = tuple(str(v) for v in var_names)
+        key = tuple(var_names)
+        if not all(type(v) is str for v in key):  # usually already str (open_count_source): no per-name str()
+            key = tuple(str(v) for v in key)
         cached = self._column_cache.get(key)
         if cached is not None:
             self._column_cache.move_to_end(key)

@@ -224,9 +224,13 @@ class ScMamba2ExpressionEncoder(nn.Module):
 class ScMamba2Embeddings(nn.Module):
     """Token embedding ``C_j = G_j + E_j``: gene embedding plus expression embedding.
 
+    ``G_j = LayerNorm(Embedding(gene))`` (scGPT's gene encoder, which SC-MAMBA2's embedding follows): both
+    terms then start at the same unit scale; without the norm the 0.02-std gene rows would be drowned by
+    the LayerNorm-ed expression term, and in our tests the ``<cls>`` classifier then failed to train.
     Values are multiplied by ``config.expression_scale`` (bins -> ``[0, 1]`` by default) before the encoder.
     Where ``values == config.mask_value`` the expression embedding is replaced by a learned vector
-    (``mask_embedding``): the gene stays visible, its value is hidden, as in the paper's masking of ``E_j``.
+    (``mask_embedding``, initialised at unit scale like the encoder's output): the gene stays visible, its
+    value is hidden, as in the paper's masking of ``E_j``.
     """
 
     def __init__(self, config: ScMamba2Config):
@@ -406,7 +410,7 @@ class ScMamba2PreTrainedModel(PreTrainedModel):
                     module.out_proj.weight, mean=0.0, std=cfg.initializer_range / math.sqrt(cfg.num_hidden_layers)
                 )
         elif isinstance(module, ScMamba2Embeddings):
-            init.normal_(module.mask_embedding, mean=0.0, std=cfg.initializer_range)
+            init.normal_(module.mask_embedding, mean=0.0, std=1.0)
             # The expression encoder gets PyTorch's default Linear init (uniform weight and bias,
             # +-1/sqrt(fan_in)). The biases matter: with zero biases, LayerNorm(W2 relu(w1 * v)) is
             # scale-invariant in v, so every non-zero bin would get the same embedding. A bias spread of
