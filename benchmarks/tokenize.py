@@ -1,11 +1,14 @@
 """Tokenization speed: the vectorised GeneTokenizer against a per-cell loop, on baron_human.
 
-    .venv/bin/python benchmarks/tokenize.py [--max-length 2048] [--repeats 3] [--dataset baron_human]
+    .venv/bin/python benchmarks/tokenize.py [--max-length 2048] [--repeats 3] [--dataset baron_human] [--threads N]
 
 For each encoding it prints cells/s of ``GeneTokenizer.__call__`` (whole dataset, ``return_tensors="np"``)
 and of a straightforward per-cell loop written the way Geneformer's tokenizer works (slice the row,
 normalise, order/sample the genes, map IDs, pad), measured in the same run, and the ratio. The loop
-reuses the tokenizer's column -> token mapping, so only per-cell work is compared. Best of ``--repeats``.
+reuses the tokenizer's column -> token mapping, so only per-cell work is compared. Best of ``--repeats``
+(wall clock), with the CPU time of that run and the load average, since the machine may be shared: a
+vectorised figure far below the CPU-time figure means other processes took the cores. ``--threads`` sets
+``HF_SCFM_TOKENIZER_THREADS`` (worker threads of the rank encoding; default: up to 4 of the available cores).
 Prints figures; never passes or fails on time.
 """
 
@@ -64,7 +67,11 @@ def main(argv=None):
     parser.add_argument("--dataset", default="baron_human")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        os.environ["HF_SCFM_TOKENIZER_THREADS"] = str(args.threads)
+    from hf_scfm.tokenization.encodings import _n_threads
 
     adata = hf_scfm.load_example(args.dataset)
     species = adata.uns["species"]
@@ -78,8 +85,10 @@ def main(argv=None):
     lib = adata.obs["n_counts"].to_numpy() if "n_counts" in adata.obs else np.asarray(X.sum(1)).ravel()
     print(f"{args.dataset}: {adata.n_obs:,} cells x {adata.n_vars:,} genes, {X.nnz / adata.n_obs:.0f} expressed "
           f"genes per cell; {report.n_tokens:,} genes map to tokens; max_length {args.max_length}")
-    print(f"fit_medians: {fit_s:.2f} s ({adata.n_obs / fit_s:,.0f} cells/s)")
-    print(f"{'encoding':<11} {'vectorised cells/s':>19} {'per-cell loop cells/s':>22} {'speed-up':>9}")
+    print(f"fit_medians: {fit_s:.2f} s ({adata.n_obs / fit_s:,.0f} cells/s); {os.cpu_count()} CPUs, "
+          f"{_n_threads()} tokenizer threads, load average {_load()}")
+    print(f"{'encoding':<11} {'vectorised cells/s':>19} {'(per CPU-s)':>12} {'per-cell loop cells/s':>22} "
+          f"{'speed-up':>9}")
     for encoding in ("rank", "binned", "continuous"):
         tok = GeneTokenizer(vocab=base._tokens, encoding=encoding, species=species)
         if encoding == "rank":
@@ -88,13 +97,25 @@ def main(argv=None):
         suffix = [tok._token_to_id[t] for t in tok.suffix_tokens]
         n_genes = args.max_length - len(prefix) - len(suffix)
         tok(adata[:50], max_length=args.max_length, return_tensors="np")  # warm-up
-        fast = min(_timed(lambda: tok(adata, max_length=args.max_length, return_tensors="np"))
-                   for _ in range(args.repeats))
+        fast, fast_cpu = min(_timed2(lambda: tok(adata, max_length=args.max_length, return_tensors="np"))
+                             for _ in range(args.repeats))
         medians = tok._median_array() if encoding == "rank" else None
         slow = min(_timed(lambda: per_cell_loop(X, lib, col_tokens, encoding, n_genes, prefix, suffix, medians,
                                                 tok.n_bins)) for _ in range(max(1, args.repeats - 1)))
         n = adata.n_obs
-        print(f"{encoding:<11} {n / fast:>19,.0f} {n / slow:>22,.0f} {slow / fast:>8.1f}x")
+        print(f"{encoding:<11} {n / fast:>19,.0f} {n / fast_cpu:>12,.0f} {n / slow:>22,.0f} {slow / fast:>8.1f}x")
+    print(f"load average after: {_load()}")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def _timed2(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _timed(fn) -> float:

@@ -33,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenize_arguments(t)
     t.set_defaults(func=run_tokenize)
 
+    from .training.finetune import add_finetune_parser
     from .training.hub import add_push_parser
+    from .training.pretrain import add_pretrain_parser
 
+    add_pretrain_parser(sub)
+    add_finetune_parser(sub)
     add_push_parser(sub)
     return parser
 

@@ -16,7 +16,7 @@ from hf_scfm.modeling.cellfm import (
     CellFMForSequenceClassification,
     CellFMModel,
 )
-from hf_scfm.modeling.cellfm.configuration_cellfm import HUMAN_VOCAB_SIZE
+from hf_scfm.tokenization.special_tokens import HUMAN_VOCAB_SIZE
 from hf_scfm.modeling.configuration_utils import check_tokenizer_matches
 from hf_scfm.tokenization.special_tokens import CLS_TOKEN_ID, MASK_VALUE, PAD_TOKEN_ID
 

@@ -23,14 +23,13 @@ from transformers import (
 import hf_scfm
 from hf_scfm.modeling.configuration_utils import check_tokenizer_matches
 from hf_scfm.modeling.mouse_genemamba import (
-    MOUSE_VOCAB_SIZE,
     MouseGeneMambaConfig,
     MouseGeneMambaForCausalLM,
     MouseGeneMambaForMaskedLM,
     MouseGeneMambaForSequenceClassification,
     MouseGeneMambaModel,
 )
-from hf_scfm.tokenization.special_tokens import BOS_TOKEN_ID, EOS_TOKEN_ID, MASK_TOKEN_ID, PAD_TOKEN_ID
+from hf_scfm.tokenization.special_tokens import BOS_TOKEN_ID, EOS_TOKEN_ID, MASK_TOKEN_ID, MOUSE_VOCAB_SIZE, PAD_TOKEN_ID
 
 V = 64  # synthetic vocabulary: 6 specials + 58 "genes"
 

@@ -27,16 +27,18 @@ ENCODING = {"mouse_genemamba": ("mouse", "rank"), "scmamba2": ("human", "binned"
 
 
 def small_adata(species: str, n_cells: int = 64, n_genes: int = 300):
-    """First ``n_cells`` of baron_mouse/baron_human, restricted to their ``n_genes`` most expressed genes whose
-    symbol names exactly one Ensembl ID of the species (so a tokenizer can be built over exactly them)."""
+    """First ``n_cells`` of baron_mouse/baron_human, restricted to their ``n_genes`` most expressed genes among
+    those the species' vocabulary maps one-to-one (so a tokenizer can be built over exactly them)."""
     from hf_scfm.data import load_example
-    from hf_scfm.tokenization.gene_tables import load_gene_table
+    from hf_scfm.tokenization import GeneTokenizer
 
     adata = load_example("baron_mouse" if species == "mouse" else "baron_human")[:n_cells].copy()
-    symbols = load_gene_table(species).symbol_index
+    report = GeneTokenizer.from_species(species).mapping_report(adata)
     total = np.asarray(adata.X.sum(0)).ravel()
-    order = [i for i in np.argsort(-total, kind="stable") if len(symbols.get(adata.var_names[i], ())) == 1]
-    return adata[:, sorted(order[:n_genes])].copy()
+    order = [i for i in np.argsort(-total, kind="stable")
+             if adata.var_names[i] not in report.unmatched and adata.var_names[i] not in report.duplicates]
+    adata = adata[:, sorted(order[:n_genes])].copy()
+    return adata[np.asarray(adata.X.sum(1)).ravel() > 0].copy()
 
 
 def small_tokenizer(adata, species: str, encoding: str):

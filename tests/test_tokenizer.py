@@ -18,7 +18,14 @@ import torch
 
 import hf_scfm
 from hf_scfm.tokenization import GeneTokenizer
-from hf_scfm.tokenization.special_tokens import BOS_TOKEN_ID, CLS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID
+from hf_scfm.tokenization.special_tokens import (
+    BOS_TOKEN_ID,
+    CLS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    HUMAN_VOCAB_SIZE,
+    MOUSE_VOCAB_SIZE,
+    PAD_TOKEN_ID,
+)
 
 DATASETS = {"baron_human": "human", "baron_mouse": "mouse", "pbmc68k": "human"}
 N_CELLS = 12
@@ -311,6 +318,8 @@ def test_autotokenizer_round_trip(tokenizers, cells, species, tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert type(loaded) is GeneTokenizer
     assert len(loaded) == len(tok) == len(hf_scfm.tokenization.load_gene_table(species)) + 6
+    # the model configs' default vocab_size is this constant: it must follow the shipped tables
+    assert len(tok) == {"human": HUMAN_VOCAB_SIZE, "mouse": MOUSE_VOCAB_SIZE}[species]
     assert loaded.vocab_checksum == tok.vocab_checksum
     assert (loaded.encoding, loaded.n_bins, loaded.seed, loaded.model_max_length) == ("rank", 7, 11, 512)
     assert loaded.prefix_tokens == tok.prefix_tokens and loaded.suffix_tokens == tok.suffix_tokens

@@ -106,7 +106,7 @@ def open_count_source(source, gene_ids=None, layer: str | None = None, n_counts=
         if n_counts is None and "n_counts" in obs.columns:
             n_counts = obs["n_counts"].to_numpy()
         var_names = adata.var_names.tolist()
-        if not all(type(v) is str for v in var_names):
+        if set(map(type, var_names)) - {str}:
             var_names = [str(v) for v in var_names]
         n_obs = adata.n_obs
     elif isinstance(source, pd.DataFrame):

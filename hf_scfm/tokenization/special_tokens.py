@@ -22,3 +22,9 @@ SPECIAL_VALUE = 0.0
 MASK_VALUE = -1.0
 #: Label value ignored by every loss (integer labels and float regression labels alike).
 IGNORE_INDEX = -100
+
+#: ``len(GeneTokenizer.from_species(...))`` of the shipped vocabularies: the six special tokens plus
+#: GENCODE human v48 (78,894 genes) and mouse M37 (78,317 genes). Model configs default to these;
+#: ``tests/test_tokenizer.py`` pins them to the tokenizer.
+HUMAN_VOCAB_SIZE = 78_900
+MOUSE_VOCAB_SIZE = 78_323

@@ -330,7 +330,7 @@ class GeneTokenizer(TokenizersBackend):
     def _column_map(self, var_names):
         """``(ColumnMap, MappingReport)`` for these input genes; cached per distinct ``var_names``."""
         key = tuple(var_names)
-        if not all(type(v) is str for v in key):  # usually already str (open_count_source): no per-name str()
+        if set(map(type, key)) != {str}:  # usually already str (open_count_source): no per-name str() then
             key = tuple(str(v) for v in key)
         cached = self._column_cache.get(key)
         if cached is not None:

@@ -8,12 +8,9 @@ from typing import Any, ClassVar
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from ...tokenization.special_tokens import CLS_TOKEN_ID, MASK_TOKEN_ID, MASK_VALUE, PAD_TOKEN_ID
+from ...tokenization.special_tokens import CLS_TOKEN_ID, HUMAN_VOCAB_SIZE, MASK_TOKEN_ID, MASK_VALUE, PAD_TOKEN_ID
 from ..configuration_utils import PresetMixin
 
-#: Size of the human vocabulary of ``GeneTokenizer.from_species("human")``: 6 special tokens followed by the
-#: 78,894 GENCODE human genes. The default of :attr:`CellFMConfig.vocab_size` and of the ``tiny`` preset.
-HUMAN_VOCAB_SIZE = 78_900
 
 #: Vocabulary of the paper's presets: CellFM's gene-ID embedding is "24,079 x 1,536" (seed 003, Methods,
 #: "Gene ID embedding"), plus our 6 special tokens. Used only to size ``cellfm-80m`` / ``cellfm-800m`` like the

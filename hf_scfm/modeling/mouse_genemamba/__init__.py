@@ -23,7 +23,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configuration_mouse_genemamba import MOUSE_VOCAB_SIZE, MouseGeneMambaConfig
+from .configuration_mouse_genemamba import MouseGeneMambaConfig
 from .modeling_mouse_genemamba import (
     MouseGeneMambaCache,
     MouseGeneMambaForCausalLM,
@@ -42,7 +42,6 @@ AutoModelForSequenceClassification.register(
 )
 
 __all__ = [
-    "MOUSE_VOCAB_SIZE",
     "MouseGeneMambaCache",
     "MouseGeneMambaConfig",
     "MouseGeneMambaForCausalLM",

@@ -17,11 +17,9 @@ from ...tokenization.special_tokens import (
     PAD_TOKEN_ID,
     SPECIAL_VALUE,
 )
+from ...tokenization.special_tokens import MOUSE_VOCAB_SIZE
 from ..configuration_utils import PresetMixin
 
-#: Size of the mouse vocabulary of ``GeneTokenizer.from_species("mouse")``: 6 special tokens followed by
-#: the 78,317 GENCODE M37 mouse genes (the gene table bundled in hf_scfm/tokenization/gencode).
-MOUSE_VOCAB_SIZE = 78_323
 
 _POOLINGS = ("mean", "last")
 _BACKENDS = ("auto", "torch", "cuda")
@@ -165,4 +163,4 @@ class MouseGeneMambaConfig(PresetMixin, PreTrainedConfig):
         return self.expand * self.hidden_size
 
 
-__all__ = ["MouseGeneMambaConfig", "MOUSE_VOCAB_SIZE"]
+__all__ = ["MouseGeneMambaConfig"]

@@ -10,7 +10,7 @@ vocabulary logits, so it is deliberately not used).
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-from .configuration_scmamba2 import HUMAN_VOCAB_SIZE, PAPER_NUM_GENES, PAPER_VOCAB_SIZE, ScMamba2Config
+from .configuration_scmamba2 import PAPER_NUM_GENES, PAPER_VOCAB_SIZE, ScMamba2Config
 from .modeling_scmamba2 import (
     ScMamba2ForMaskedExpression,
     ScMamba2ForPerturbationPrediction,

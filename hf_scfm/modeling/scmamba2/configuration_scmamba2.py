@@ -12,19 +12,17 @@ from ...tokenization.special_tokens import (
     BOS_TOKEN_ID,
     CLS_TOKEN_ID,
     EOS_TOKEN_ID,
+    HUMAN_VOCAB_SIZE,
     MASK_TOKEN_ID,
     MASK_VALUE,
     PAD_TOKEN_ID,
+    SPECIAL_TOKENS,
 )
 from ..configuration_utils import PresetMixin
 
-#: Number of special tokens every hf-scfm vocabulary starts with (``<pad> <mask> <cls> <eos> <unk> <bos>``).
-NUM_SPECIAL_TOKENS = 6
-#: Size of ``GeneTokenizer.from_species("human")``: 6 special tokens + 78,894 GENCODE v48 human genes.
-HUMAN_VOCAB_SIZE = 78_900
 #: The paper's vocabulary: 60,530 CELLxGENE genes (seed 001/002). Our presets add our 6 special tokens.
 PAPER_NUM_GENES = 60_530
-PAPER_VOCAB_SIZE = PAPER_NUM_GENES + NUM_SPECIAL_TOKENS
+PAPER_VOCAB_SIZE = PAPER_NUM_GENES + len(SPECIAL_TOKENS)
 
 _BACKENDS = ("auto", "torch", "cuda")
 _ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
@@ -238,4 +236,4 @@ class ScMamba2Config(PresetMixin, PreTrainedConfig):
         return self.intermediate_size // self.head_dim
 
 
-__all__ = ["ScMamba2Config", "HUMAN_VOCAB_SIZE", "PAPER_VOCAB_SIZE", "PAPER_NUM_GENES"]
+__all__ = ["ScMamba2Config", "PAPER_VOCAB_SIZE", "PAPER_NUM_GENES"]

@@ -30,9 +30,9 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ...tokenization.special_tokens import IGNORE_INDEX
+from ...tokenization.special_tokens import IGNORE_INDEX, SPECIAL_TOKENS
 from ..ops import causal_conv1d, ssd_scan
-from .configuration_scmamba2 import NUM_SPECIAL_TOKENS, ScMamba2Config
+from .configuration_scmamba2 import ScMamba2Config
 
 _ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -700,7 +700,7 @@ class ScMamba2ForPerturbationPrediction(ScMamba2PreTrainedModel):
             return_dict=True,
         )
         predictions = self.expression_head(out.last_hidden_state)
-        real = input_ids >= NUM_SPECIAL_TOKENS
+        real = input_ids >= len(SPECIAL_TOKENS)
         if attention_mask is not None:
             real = real & attention_mask.bool()
         predictions = predictions * real.to(predictions.dtype)
