@@ -23,17 +23,14 @@ from __future__ import annotations
 import os
 import sys
 
-# Running this file puts benchmarks/ first on sys.path, where sibling scripts (e.g. tokenize.py) would
-# shadow standard-library modules of the same name; drop it.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import subprocess
+import tempfile
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 BUILD_SCRIPT = r"""
 import json, resource, sys, time

@@ -29,18 +29,15 @@ from __future__ import annotations
 import os
 import sys
 
-# Running a script puts its folder first on sys.path; a sibling file named like a stdlib module
-# (benchmarks/tokenize.py) would then shadow it. Drop our folder before importing anything else.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import resource
+import subprocess
+import tempfile
+import time
 
-import torch  # noqa: E402
+import torch
 
 
 def _rss_bytes() -> int:

@@ -4,9 +4,7 @@ The cell is ``<cls>`` + 60,530 gene tokens (the paper's full CELLxGENE vocabular
 first 60,530 gene ids of our human vocabulary), every gene present, zeros included, with about 10 %
 non-zero bins, i.e. the "all genes" input of the paper's fine-tuning. Prints figures; never fails on time.
 
-    .venv/bin/python -P benchmarks/scmamba2_whole_transcriptome.py [--preset tiny] [--threads 1] [--device cpu]
-
-(``-P`` keeps ``benchmarks/`` off ``sys.path``, so a script there named like a stdlib module cannot shadow it.)
+    .venv/bin/python benchmarks/scmamba2_whole_transcriptome.py [--preset tiny] [--threads 1] [--device cpu]
 
 Peak memory: on CPU the growth of the process's peak resident set (``ru_maxrss``) during the forward
 (model weights are loaded before the measurement starts, so this is activations + workspace); on CUDA

@@ -351,7 +351,8 @@ def encode_rank_csr(counts, colmap: ColumnMap, n_counts: np.ndarray, medians: np
                           np.arange(0, r1 - r0, 1 << min(rb_max, 30)))
         cuts = np.union1d(cuts, [0, r1 - r0]).astype(np.int64)
         rel_row = np.arange(r1 - r0, dtype=np.int64) - np.repeat(cuts[:-1], np.diff(cuts))
-        xn = np.divide(data[e0:e1], np.repeat(lib[r0:r1], nr), dtype=np.float64)  # float32 -> float64 is exact
+        xn = data[e0:e1].astype(np.float64)
+        np.divide(xn, np.repeat(lib[r0:r1], nr), out=xn)
         np.multiply(xn, TARGET_SUM, out=xn)  # x_norm = counts / n_counts * 10_000, as in the definition
         desc = np.empty(e1 - e0, dtype=np.float32)
         np.divide(xn, med_col[ix], out=desc, casting="unsafe")  # float32(x_norm / median)

@@ -13,9 +13,11 @@ Choices, and why:
 * **The data loader is not ``accelerator.prepare``-d.** Accelerate would make rank 0 read every batch and
   dispatch it for an iterable dataset; here each rank reads only its own shards. Batches are moved to the device
   by hand.
-* **Exact resume.** Every ``--save-steps`` steps the run writes ``checkpoint-N/`` with ``accelerator.save_state``
-  (model, optimizer, scheduler, RNG states of every rank) and, per rank, its position in the data stream
-  (``data_state_rank<R>.json``: epoch and batches consumed in it). ``--resume`` restores all of it, re-creates
+* **Exact resume.** Every ``--save-steps`` steps the run writes ``checkpoint-N/`` with
+  :func:`hf_scfm.training.checkpoint.save_training_state`: optimizer and scheduler state, RNG states of every rank
+  and, per rank, its position in the data stream (epoch and batches consumed in it), as safetensors + JSON -- no
+  pickle, so ``--resume`` never unpickles a file (under FSDP/DeepSpeed that module falls back to Accelerate's
+  pickled ``save_state`` with a warning; see its docstring). ``--resume`` restores all of it, re-creates
   the same stream (same seed, same epoch, so the same shuffle) and skips the batches already consumed -- before
   collating them, so the skip costs reading only. Collator masks depend only on seed and cell content, so the
   resumed run sees exactly the batches the uninterrupted run would have: the final weights are equal (tested).
@@ -23,9 +25,9 @@ Choices, and why:
   killed mid-save never leaves a checkpoint that looks whole; ``hf_scfm_training_state.json`` (written last)
   records the family, preset, objective and step, and ``--resume`` refuses a checkpoint of another family.
 * **Checkpoints are loadable models.** ``save_pretrained`` of model and tokenizer goes into the same folder, so
-  ``from_pretrained("out/checkpoint-N")`` works and the Hub pusher can validate and upload it. Accelerate's
-  training-state files (``optimizer.bin``, ``scheduler.bin``, ``random_states_*.pkl``: torch's pickle format,
-  Accelerate's choice) stay local: the Hub push leaves them out.
+  ``from_pretrained("out/checkpoint-N")`` works and the Hub pusher can validate and upload it; the resume reads
+  the weights from that same ``model.safetensors``. The optimizer/scheduler/RNG files (``optimizer.*``,
+  ``scheduler.json``, ``rng_state_rank*``) stay local: the Hub push leaves them out.
 * **Eval split by cell id.** A cell is held out when a CRC32 of its ``cell_id`` falls below
   ``--eval-fraction``: stable across runs, ranks, shard layouts and streaming, with no index to store.
 * **Outputs.** ``out/metrics.jsonl`` (one JSON object per logging step and evaluation), TensorBoard event files
@@ -404,8 +406,12 @@ def _save_model_files(accelerator, model, tokenizer, folder: Path, family) -> No
         export_remote_code(folder, family)
 
 
-def save_checkpoint(accelerator, model, tokenizer, family, args, step: int, stream: BatchStream) -> Path:
-    """``checkpoint-<step>/``: Accelerate state + per-rank data position + save_pretrained, renamed when whole."""
+def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, family, args, step: int,
+                    stream: BatchStream) -> Path:
+    """``checkpoint-<step>/``: training state (safetensors + JSON, per-rank data position in ``extra``) +
+    save_pretrained, renamed when whole."""
+    from .checkpoint import save_training_state
+
     out = Path(args.out)
     final = out / f"checkpoint-{step}"
     partial = out / f".checkpoint-{step}.partial"
@@ -413,9 +419,8 @@ def save_checkpoint(accelerator, model, tokenizer, family, args, step: int, stre
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), safe_serialization=True)
-    (partial / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(stream.state()) + "\n")
-    accelerator.wait_for_everyone()
+    save_training_state(partial, accelerator, model, optimizer, scheduler, extra={**stream.state(), "step": step},
+                        save_model=False)  # model.safetensors: written by save_pretrained just below
     _save_model_files(accelerator, model, tokenizer, partial, family)
     if accelerator.is_main_process:
         state = {key: getattr(args, key) for key in
@@ -504,16 +509,19 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.05 * args.max_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=args.max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # Not prepared: a prepared scheduler steps once per process per step. Registered so save_state keeps it.
-    accelerator.register_for_checkpointing(scheduler)
+    # Not prepared: a prepared scheduler steps once per process per step. Saved by save_checkpoint.
 
     collator = family.make_collator(tokenizer, objective=args.objective, seed=args.seed)
     train_ds, held_ds = build_streams(args, tokenizer, accelerator.process_index, accelerator.num_processes)
     stream = BatchStream(train_ds, args.batch_size, collator)
     step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        position = json.loads((resume_from / f"data_state_rank{accelerator.process_index}.json").read_text())
+        from .checkpoint import TrainingStateError, load_training_state
+
+        try:
+            position = load_training_state(resume_from, accelerator, model, optimizer, scheduler)
+        except TrainingStateError as err:
+            raise ResumeError(f"Cannot resume from {resume_from}: {err}") from err
         stream.epoch, stream.consumed = position["epoch"], position["consumed_batches"]
         step = int(resume_state["step"])
         logger.info("Resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, stream.epoch, stream.consumed)
@@ -565,7 +573,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
             if eval_loss is not None:
                 metrics.log({"step": step, "eval_loss": eval_loss})
         if step % args.save_steps == 0 and step < args.max_steps:
-            folder = save_checkpoint(accelerator, model, tokenizer, family, args, step, stream)
+            folder = save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, family, args, step,
+                                     stream)
             if pusher is not None:
                 pusher.on_save(folder, step)
         if args.hang_after_steps is not None and step >= args.hang_after_steps:

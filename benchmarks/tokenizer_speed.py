@@ -1,6 +1,6 @@
 """Tokenization speed: the vectorised GeneTokenizer against a per-cell loop, on baron_human.
 
-    .venv/bin/python benchmarks/tokenize.py [--max-length 2048] [--repeats 3] [--dataset baron_human] [--threads N]
+    .venv/bin/python benchmarks/tokenizer_speed.py [--max-length 2048] [--repeats 3] [--dataset baron_human] [--threads N]
 
 For each encoding it prints cells/s of ``GeneTokenizer.__call__`` (whole dataset, ``return_tensors="np"``)
 and of a straightforward per-cell loop written the way Geneformer's tokenizer works (slice the row,
@@ -14,16 +14,9 @@ Prints figures; never passes or fails on time.
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
-
-# This file is named like the standard library's ``tokenize`` module, which Python imports lazily (linecache,
-# torch): keep the script's own folder off the import path so ``import tokenize`` finds the real one.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import time  # noqa: E402
+import time
 
 import numpy as np
 
