@@ -104,7 +104,6 @@ def train(model, opt, sched, steps):
 
 def test_save_load_round_trip_continues_bit_identically_without_pickle(tmp_path, monkeypatch):
     from accelerate import Accelerator
-
     from transformers import get_cosine_schedule_with_warmup
 
     accelerator = Accelerator(cpu=True)

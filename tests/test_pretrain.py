@@ -211,3 +211,32 @@ def test_pretrain_pushes_checkpoints_and_final_model_to_the_hub(corpora, tmp_pat
     assert hub_server.unhandled == []
 
     check_stop_then_resume(corpora, tmp_path, "cellfm", full)
+
+
+def test_checkpoints_hold_no_pickle_and_resume_never_unpickles(corpora, tmp_path, monkeypatch):
+    """Training state is safetensors + JSON (hf_scfm.training.checkpoint): no .bin/.pkl/.pt file in a checkpoint,
+    and a resume with every unpickling entry point disabled completes; a pickled (save_state) folder is refused."""
+    import pickle
+
+    out = tmp_path / "run"
+    run("cellfm", corpora["cellfm"], out, "--stop-after-steps", "3")
+    ckpt = out / "checkpoint-3"
+    names = {p.name for p in ckpt.iterdir()}
+    assert not [n for n in names if n.endswith((".bin", ".pkl", ".pt", ".pth", ".pickle"))], sorted(names)
+    assert {"optimizer.safetensors", "optimizer.json", "scheduler.json", "rng_state_rank0.safetensors",
+            "rng_state_rank0.json", "extra_state_rank0.json", "training_state_manifest.json"} <= names
+    assert json.loads((ckpt / "extra_state_rank0.json").read_text())["state"]["step"] == 3
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unpickling was attempted during --resume")
+
+    with monkeypatch.context() as patch:
+        for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+            patch.setattr(module, name, refuse)
+        resumed = run("cellfm", corpora["cellfm"], out, "--resume", "--max-steps", "4", "--save-steps", "4")
+    assert resumed["final_step"] == 4
+
+    (ckpt / "training_state_manifest.json").unlink()
+    (ckpt / "optimizer.bin").write_bytes(b"never read")
+    with pytest.raises(ResumeError, match=r"pickled training state \['optimizer.bin'\]"):
+        run("cellfm", corpora["cellfm"], out, "--resume", str(ckpt))

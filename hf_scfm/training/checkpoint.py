@@ -98,8 +98,8 @@ def encode_state(obj: Any, tensors: dict, path: str = "") -> Any:
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj) and not any(k in _MARKERS for k in obj):
             return {k: encode_state(v, tensors, _join(path, k)) for k, v in obj.items()}
-        return {"__items__": [[encode_state(k, tensors, _join(path, f"key{i}")), encode_state(v, tensors, _join(path, k))]
-                              for i, (k, v) in enumerate(obj.items())]}
+        return {"__items__": [[encode_state(k, tensors, _join(path, f"key{i}")),
+                               encode_state(v, tensors, _join(path, k))] for i, (k, v) in enumerate(obj.items())]}
     raise TypeError(
         f"Cannot store {type(obj).__name__} at {path or '<root>'!r} of a training state: only tensors, numpy "
         "arrays, numbers, strings, None, lists, tuples and dicts are stored (safetensors + JSON, never pickle)."
