@@ -13,6 +13,7 @@ from .examples import EXAMPLES, example_path, load_example
 from .loading import (
     CorpusFormatError,
     LengthGroupedBatchSampler,
+    iter_batches,
     length_grouping_arguments,
     load_corpus,
     split_by_column,
@@ -26,6 +27,7 @@ __all__ = [
     "build_corpus",
     "CorpusBuildReport",
     "load_corpus",
+    "iter_batches",
     "CorpusFormatError",
     "split_by_column",
     "split_by_node",

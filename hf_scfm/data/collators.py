@@ -7,7 +7,8 @@ corpus shard holds (``{input_ids, values, length, <obs columns>, source_file}``)
 (1 = real token); without one every position is real. Instead of a list of records a collator also
 takes a *columnar* batch: a mapping of per-cell lists, or a ``pyarrow.Table`` as yielded by
 ``ds.with_format("arrow").iter(batch_size)``; Arrow batches skip per-cell Python objects and are
-the fastest way from a streamed corpus to tensors (``benchmarks/corpus.py``).
+the fastest way from a streamed corpus to tensors: :func:`hf_scfm.data.loading.iter_batches` does
+exactly that (``benchmarks/corpus.py`` measures both ways).
 
 Every collator returns a ``dict`` of torch tensors: ``input_ids`` int64 [B, L], ``values`` float32
 [B, L], ``attention_mask`` int64 [B, L], padded on the RIGHT with ``<pad>`` (id 0) and value 0.0 to
@@ -45,6 +46,13 @@ Choices, and why:
   e.g. from a ``TrainerCallback.on_epoch_begin``; the epoch is part of the hash.
 * Every collator is a plain picklable object holding no torch generator, so DataLoader workers can
   use it.
+* **Speed.** The batch is handled as flat arrays of its real tokens (one concatenated array per
+  column plus per-cell lengths, zero-copy from Arrow); hashing, uniforms and the exact-k choice are
+  segment-wise vectorised passes over them, and padding is one copy per cell into the output. When
+  numba is importable (scanpy depends on it) one compiled pass per cell does the hash, the uniforms
+  and the choice (cached on disk; ``HF_SCFM_NUMBA=0`` turns it off). The padded [B, L] functions
+  ``_cell_keys``, ``_uniforms``, ``_choose_exact`` stay as the reference that defines the masks;
+  tests pin both fast paths to them bit for bit.
 """
 
 from __future__ import annotations
@@ -150,6 +158,314 @@ def _choose_exact(eligible: np.ndarray, u: np.ndarray, fraction) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# the same arithmetic on flat (concatenated, unpadded) arrays: what the collators run
+# ---------------------------------------------------------------------------------------------
+# ``_cell_keys``, ``_uniforms`` and ``_choose_exact`` above define the randomness on padded [B, L]
+# matrices and stay as the readable reference; the functions below compute bit-identical results
+# on the real tokens only (one flat array for the whole batch plus per-cell lengths), so a batch of
+# 64 cells of ~1,650 tokens costs a few vectorised passes over ~105k numbers and no per-cell Python.
+_TABLES: dict[str, np.ndarray] = {}
+
+
+def _position_tables(length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-position constants for positions 0..length-1, cached and grown on demand: the id weight
+    and value weight of :func:`_cell_keys` (uint32), the splitmix counter ``(j + 1) * golden`` of
+    :func:`_uniforms` (uint64), and ``j`` itself (int64)."""
+    have = _TABLES.get("step")
+    if have is None or len(have) < length:
+        size = max(length, 1 << 16, 0 if have is None else 2 * len(have))
+        step = np.arange(1, size + 1, dtype=np.uint64) * np.uint64(_GOLDEN)
+        weights = (step >> np.uint64(32)).astype(np.uint32) | np.uint32(1)
+        _TABLES.update(step=step, weights=weights, value_weights=weights ^ np.uint32(0x9E3779B9),
+                       index=np.arange(size, dtype=np.int64))
+    return _TABLES["weights"], _TABLES["value_weights"], _TABLES["step"], _TABLES["index"]
+
+
+def _mix64_(x: np.ndarray) -> np.ndarray:
+    """:func:`_mix64` in place on a fresh uint64 array (no temporaries beyond one buffer)."""
+    tmp = np.empty_like(x)
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        np.right_shift(x, np.uint64(shift), out=tmp)
+        np.bitwise_xor(x, tmp, out=x)
+        np.multiply(x, np.uint64(mult), out=x)
+    np.right_shift(x, np.uint64(31), out=tmp)
+    np.bitwise_xor(x, tmp, out=x)
+    return x
+
+
+def _segment_sums(terms: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """uint64 sum of ``terms`` over each segment (empty segments sum to 0), wrap-around exact."""
+    if terms.size == 0:
+        return np.zeros(len(lengths), dtype=np.uint64)
+    sums = np.add.reduceat(terms, np.minimum(starts, terms.size - 1), dtype=np.uint64)
+    sums[lengths == 0] = 0  # reduceat gives terms[start] for an empty segment
+    return sums
+
+
+class _Flat:
+    """A batch as flat arrays: ``ids`` int64 [N], ``values`` float32 [N] or None, ``mask`` (the given
+    attention mask) int64 [N] or None, ``extras`` {key: float32 [N]}, ``lengths`` int64 [B] and
+    ``starts`` (each cell's first flat index). Positions a given attention mask marks as padding
+    already hold ``<pad>`` and 0.0, as in the padded output."""
+
+    def __init__(self, ids, values, mask, extras, lengths):
+        self.ids, self.values, self.mask, self.extras, self.lengths = ids, values, mask, extras, lengths
+        self.n = len(lengths)
+        self.starts = np.cumsum(lengths) - lengths
+        self._keys = self._cell = None
+
+    @property
+    def cell(self) -> np.ndarray:
+        """The cell index of every flat position."""
+        if self._cell is None:
+            self._cell = np.repeat(np.arange(self.n, dtype=np.int64), self.lengths)
+        return self._cell
+
+    def eligible(self) -> np.ndarray:
+        """Boolean [N]: maskable positions, real (mask 1, or no mask) and a gene id."""
+        ok = self.ids >= FIRST_GENE_ID
+        if self.mask is not None:
+            ok &= self.mask == 1
+        return ok
+
+    def keys(self) -> np.ndarray:
+        """:func:`_cell_keys` of the padded batch, from the flat arrays."""
+        if self._keys is None:
+            total = len(self.ids)
+            weights, value_weights, _, index = _position_tables(max(int(self.lengths.max()) if self.n else 0, total))
+            pos = index[:total] - np.repeat(self.starts, self.lengths)
+            terms = self.ids.astype(np.uint32)
+            terms *= np.take(weights, pos)
+            key = _segment_sums(terms, self.starts, self.lengths)
+            if self.values is not None:
+                bits = self.values.view(np.uint32) * np.take(value_weights, pos)
+                key = _mix64_(key) ^ (_segment_sums(bits, self.starts, self.lengths) << np.uint64(20))
+            self._keys = _mix64_(key)
+        return self._keys
+
+    def _cell_offsets(self, seed: int, epoch: int, stream: int) -> np.ndarray:
+        """Per cell: its splitmix start minus ``start * golden``, so that adding the golden-ratio
+        counter of the *flat* index (a cached table) gives the counter of the position in the cell."""
+        base = _mix64_int(_mix64_int(_mix64_int(seed) ^ (epoch * _GOLDEN)) ^ (stream + 1) * 0xD1B54A32D192ED03)
+        start = _mix64_(self.keys() ^ np.uint64(base))
+        return start - self.starts.astype(np.uint64) * np.uint64(_GOLDEN)
+
+    def draw_bits(self, seed: int, epoch: int, stream: int, where=None) -> np.ndarray:
+        """The 53-bit integers behind :func:`_uniforms` (uint64) at every flat position, or at the
+        flat indices ``where``; the uniform is this times 2**-53, so these order the uniforms exactly."""
+        offsets = self._cell_offsets(seed, epoch, stream)
+        total = len(self.ids)
+        _, _, step, _ = _position_tables(total)
+        if where is None:
+            x = np.repeat(offsets, self.lengths)
+            x += step[:total]
+        else:
+            x = offsets[self.cell[where]]
+            x += step[where]
+        return _mix64_(x) >> np.uint64(11)
+
+    def draw(self, seed: int, epoch: int, stream: int, where=None) -> np.ndarray:
+        """:func:`_uniforms` (float64 in [0, 1)) at every flat position, or at the flat indices ``where``."""
+        return self.draw_bits(seed, epoch, stream, where).astype(np.float64) * (1.0 / (1 << 53))
+
+    def draw_first(self, seed: int, epoch: int, stream: int) -> np.ndarray:
+        """:func:`_uniforms` at position 0 of every cell (also of an empty one), float64 [B]."""
+        offsets = self._cell_offsets(seed, epoch, stream)
+        x = offsets + self.starts.astype(np.uint64) * np.uint64(_GOLDEN) + np.uint64(_GOLDEN)
+        return (_mix64_(x) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+    def padded_length(self, pad_to_multiple_of: int | None) -> int:
+        length = int(self.lengths.max())
+        if pad_to_multiple_of:
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+        return length
+
+    def scatter(self, flat: np.ndarray, length: int, fill, dtype) -> np.ndarray:
+        """Padded [B, length] array holding ``flat`` cell by cell from the left (right padding)."""
+        out = np.full((self.n, length), fill, dtype=dtype)
+        if self.n <= 512:  # one memcpy per cell beats a boolean-mask scatter for usual batch sizes
+            for b, (s, n) in enumerate(zip(self.starts.tolist(), self.lengths.tolist())):
+                out[b, :n] = flat[s : s + n]
+        else:
+            out[np.arange(length)[None, :] < self.lengths[:, None]] = flat
+        return out
+
+
+def _choose_exact_flat(flat: _Flat, eligible: np.ndarray, bits: np.ndarray, fraction) -> np.ndarray:
+    """:func:`_choose_exact` on a flat batch: ``eligible`` boolean [N], ``bits`` [N] the 53-bit
+    uniforms of :meth:`_Flat.draw_bits`. Returns a boolean [N]: in each cell exactly ``k`` of its
+    eligible positions, those with the smallest uniforms, ties in position order.
+
+    Selection by buckets instead of a sort: the top 8 bits of each uniform give one of 256 buckets
+    (ineligible positions go to an extra bucket 256); per-cell bucket counts (one ``bincount``)
+    locate the bucket holding each cell's k-th smallest; everything below it is chosen, and only that
+    bucket's few members (about n / 256 per cell) are sorted by (cell, uniform, position) to take the
+    rest. Exact, and a handful of linear passes.
+    """
+    nb, n_cells, lengths = 257, flat.n, flat.lengths
+    n = _segment_sums(eligible.view(np.uint8), flat.starts, lengths).astype(np.int64)
+    k = np.floor(np.asarray(fraction) * n + 0.5).astype(np.int64)
+    k = np.where(n > 0, np.clip(k, 1, np.maximum(n, 1)), 0)
+    bucket = np.where(eligible, bits >> np.uint64(45), np.uint64(nb - 1)).view(np.int64)
+    comb = np.repeat(np.arange(n_cells, dtype=np.int64) * nb, lengths)
+    comb += bucket
+    counts = np.bincount(comb, minlength=n_cells * nb).reshape(n_cells, nb)[:, : nb - 1]
+    cum = np.cumsum(counts, axis=1)
+    t = (cum < k[:, None]).sum(axis=1)  # the bucket holding the k-th smallest (when k >= 1)
+    below = np.where(t > 0, cum[np.arange(n_cells), np.maximum(t - 1, 0)], 0)
+    t = np.where(k > 0, t, -1)
+    t_m = np.repeat(t, lengths)
+    chosen = bucket < t_m
+    cand = np.flatnonzero(bucket == t_m)
+    if cand.size:
+        cand_cell = comb[cand] // nb
+        order = np.lexsort((cand, bits[cand], cand_cell))
+        sorted_cell = cand_cell[order]
+        rank = np.arange(cand.size) - np.searchsorted(sorted_cell, sorted_cell, side="left")
+        chosen[cand[order[rank < (k - below)[sorted_cell]]]] = True
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# optional compiled kernel (numba, a dependency of scanpy): keys, stream-0 uniforms and the exact-k
+# choice in one pass per cell. Bit-identical to the NumPy functions above (tests pin the two
+# together); used when numba imports, else the NumPy path runs. HF_SCFM_NUMBA=0 turns it off.
+# ---------------------------------------------------------------------------------------------
+_KERNEL: list = []
+
+
+def _choose_kernel():
+    """The compiled selection kernel, or None when numba is missing or disabled (built once per process)."""
+    if not _KERNEL:
+        _KERNEL.append(None)
+        if os.environ.get("HF_SCFM_NUMBA", "1") != "0":
+            try:
+                _KERNEL[0] = _build_choose_kernel()
+            except ImportError:
+                pass
+    return _KERNEL[0]
+
+
+def _pad_masked_kernel():
+    """The compiled padding pass of the masked-value collators, or None (as :func:`_choose_kernel`)."""
+    if _choose_kernel() is None:
+        return None
+    if len(_KERNEL) < 2:
+        import numba
+
+        _KERNEL.append(numba.njit(cache=True, nogil=True)(_pad_masked_py))
+    return _KERNEL[1]
+
+
+def _pad_masked_py(ids, values, chosen, starts, lengths, mask_value, ids_out, attn_out, values_out, labels_out):
+    """Right-pad a masked-value batch in one pass: ``ids_out``, ``attn_out``, ``values_out`` arrive
+    zeroed and ``labels_out`` filled with -100; the real positions get the ids, 1, the value (or
+    ``mask_value`` where chosen) and the original value where chosen. Compiled by numba."""
+    for b in range(starts.shape[0]):
+        s = starts[b]
+        for j in range(lengths[b]):
+            ids_out[b, j] = ids[s + j]
+            attn_out[b, j] = 1
+            if chosen[s + j]:
+                values_out[b, j] = mask_value
+                labels_out[b, j] = values[s + j]
+            else:
+                values_out[b, j] = values[s + j]
+
+
+def _build_choose_kernel():
+    """Compile :func:`_mix64_scalar` and :func:`_choose_kernel_py` (cached on disk by numba, so only
+    the first process on a machine pays the few seconds of compiling)."""
+    import numba
+
+    global _mix64_nb
+    _mix64_nb = numba.njit(cache=True, nogil=True, inline="always")(_mix64_scalar)
+    return numba.njit(cache=True, nogil=True)(_choose_kernel_py)
+
+
+_C30, _C27, _C31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_LOW32, _S11, _S20, _S45 = np.uint64(0xFFFFFFFF), np.uint64(11), np.uint64(20), np.uint64(45)
+_NONE = np.uint64(0xFFFFFFFFFFFFFFFF)  # marks an ineligible position (real uniforms have 53 bits)
+_mix64_nb = None
+
+
+def _mix64_scalar(x):
+    """:func:`_mix64` on one uint64 (compiled by numba)."""
+    x = x ^ (x >> _C30)
+    x = x * _M1
+    x = x ^ (x >> _C27)
+    x = x * _M2
+    return x ^ (x >> _C31)
+
+
+def _choose_kernel_py(ids, vbits, has_values, mask, has_mask, starts, lengths, weights, value_weights, step, base, fraction):
+    """Per cell: its :func:`_cell_keys` key, its stream-0 uniforms (as 53-bit integers) at eligible
+    positions, and the exact-k choice of :func:`_choose_exact_flat` (same buckets). Returns
+    ``(chosen bool [N], keys uint64 [B])``. Compiled by numba; plain Python would be far too slow."""
+    n_cells = starts.shape[0]
+    keys = np.empty(n_cells, dtype=np.uint64)
+    chosen = np.zeros(ids.shape[0], dtype=np.bool_)
+    bits = np.empty(ids.shape[0], dtype=np.uint64)
+    counts = np.zeros(256, dtype=np.int64)
+    cand = np.empty(ids.shape[0], dtype=np.uint64)
+    cand_at = np.empty(ids.shape[0], dtype=np.int64)
+    for b in range(n_cells):
+        s, n = starts[b], lengths[b]
+        acc = np.uint64(0)
+        for j in range(n):
+            acc += ((np.uint64(ids[s + j]) & _LOW32) * np.uint64(weights[j])) & _LOW32
+        if has_values:
+            accv = np.uint64(0)
+            for j in range(n):
+                accv += (np.uint64(vbits[s + j]) * np.uint64(value_weights[j])) & _LOW32
+            acc = _mix64_nb(acc) ^ (accv << _S20)
+        key = _mix64_nb(acc)
+        keys[b] = key
+        start = _mix64_nb(key ^ base)
+        m = 0
+        counts[:] = 0
+        for j in range(n):
+            i = s + j
+            if ids[i] >= 6 and (not has_mask or mask[i] == 1):
+                r = _mix64_nb(start + step[j]) >> _S11
+                bits[i] = r
+                counts[r >> _S45] += 1
+                m += 1
+            else:
+                bits[i] = _NONE
+        if m == 0:
+            continue
+        k = np.int64(np.floor(fraction[b] * m + 0.5))
+        k = min(max(k, 1), m)
+        t, below = 0, 0
+        while below + counts[t] < k:  # bucket t holds the k-th smallest
+            below += counts[t]
+            t += 1
+        need = k - below
+        tb = np.uint64(t)
+        c = 0
+        for j in range(n):  # everything below bucket t is chosen; collect bucket t in position order
+            r = bits[s + j]
+            if r != _NONE:
+                h = r >> _S45
+                if h < tb:
+                    chosen[s + j] = True
+                elif h == tb:
+                    cand[c] = r
+                    cand_at[c] = s + j
+                    c += 1
+        for _ in range(need):  # the smallest remaining candidate, the first in position order on ties
+            best = 0
+            for q in range(1, c):
+                if cand[q] < cand[best]:
+                    best = q
+            chosen[cand_at[best]] = True
+            cand[best] = _NONE
+    return chosen, keys
+
+
+# ---------------------------------------------------------------------------------------------
 # shared padding
 # ---------------------------------------------------------------------------------------------
 class _Cells:
@@ -164,6 +480,8 @@ class _Cells:
         self.columns = None
         self.records = None
         if hasattr(cells, "column_names") and hasattr(cells, "num_rows"):  # pyarrow Table / RecordBatch
+            if "input_ids" not in cells.column_names:
+                raise ValueError(f"A columnar batch needs an 'input_ids' column (got {list(cells.column_names)}).")
             self.table, self.n = cells, cells.num_rows
         elif isinstance(cells, Mapping):
             if "input_ids" not in cells:
@@ -247,26 +565,9 @@ class _Cells:
         return np.concatenate(arrays), lengths
 
 
-def _scatter(flat, real: np.ndarray, fill, dtype) -> np.ndarray:
-    """Padded [B, L] array holding ``flat`` at the ``real`` positions (row-major, so right padding)."""
-    out = np.full(real.shape, fill, dtype=dtype)
-    out[real] = flat
-    return out
-
-
-def _pad_records(
-    records,
-    *,
-    need_values: bool,
-    pad_to_multiple_of: int | None,
-    extra_float_keys: Sequence[str] = (),
-) -> dict[str, np.ndarray]:
-    """Right-pad ``input_ids`` (with ``<pad>``), ``values`` (with 0.0), ``attention_mask`` (with 0) and
-    any ``extra_float_keys`` (with 0.0) to the longest cell, as NumPy arrays.
-
-    Works on flat arrays: every column becomes one concatenated array plus per-cell lengths, which
-    one vectorised scatter writes into the padded matrix (no per-cell Python work for Arrow input).
-    """
+def _flatten(records, *, need_values: bool, extra_float_keys: Sequence[str] = ()) -> _Flat:
+    """A batch (records, columns, Arrow, or :class:`_Cells`) as a checked :class:`_Flat`: every column
+    one concatenated array plus per-cell lengths (zero-copy from Arrow, where the dtype allows)."""
     cells = records if isinstance(records, _Cells) else _Cells(records)
     ids, lengths = cells.ragged("input_ids", np.int64)
     has_values = cells.has("values")
@@ -276,37 +577,60 @@ def _pad_records(
             f"Record {i} has no 'values', which this objective needs. Build the corpus with the "
             "tokenizer's values kept (every hf-scfm encoding writes them)."
         )
-    batch, length = cells.n, int(lengths.max())
-    if pad_to_multiple_of:
-        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    real = np.arange(length)[None, :] < lengths[:, None]
 
     def ragged_matching(key, dtype, default=None):
         flat, n = cells.ragged(key, dtype, None if default is None else lengths, default)
         if not np.array_equal(n, lengths):
             i = int(np.flatnonzero(n != lengths)[0])
             raise ValueError(f"Record {i}: {key!r} has {n[i]} entries but 'input_ids' has {lengths[i]}; they must match.")
-        return flat
+        return np.ascontiguousarray(flat)
 
-    out = {"input_ids": _scatter(ids, real, PAD_TOKEN_ID, np.int64)}
-    given_mask = cells.any("attention_mask")
-    if given_mask:
-        out["attention_mask"] = _scatter(ragged_matching("attention_mask", np.int64, 1), real, 0, np.int64)
-    else:
-        out["attention_mask"] = real.astype(np.int64)
-    if has_values:
-        out["values"] = _scatter(ragged_matching("values", np.float32), real, SPECIAL_VALUE, np.float32)
+    mask = ragged_matching("attention_mask", np.int64, 1) if cells.any("attention_mask") else None
+    values = ragged_matching("values", np.float32) if has_values else None
+    extras = {}
     for key in extra_float_keys:
         if not cells.has(key):
             i = cells.first_without(key)
             raise ValueError(f"Record {i} has no {key!r} column (record keys: {cells.keys_of(i)}).")
-        out[key] = _scatter(ragged_matching(key, np.float32), real, 0.0, np.float32)
-    if given_mask:  # padding inside a record (padded by the tokenizer) follows the contract too
-        pad = out["attention_mask"] == 0
-        out["input_ids"][pad] = PAD_TOKEN_ID
-        if has_values:
-            out["values"][pad] = SPECIAL_VALUE
+        extras[key] = ragged_matching(key, np.float32)
+    if mask is not None:  # padding inside a record (padded by the tokenizer) follows the contract too
+        pad = mask == 0
+        if pad.any():
+            ids = np.where(pad, PAD_TOKEN_ID, ids)
+            if values is not None:
+                values = np.where(pad, np.float32(SPECIAL_VALUE), values)
+    return _Flat(ids, values, mask, extras, lengths)
+
+
+def _pad_flat(flat: _Flat, pad_to_multiple_of: int | None, **replaced: np.ndarray) -> dict[str, np.ndarray]:
+    """Right-pad ``input_ids`` (with ``<pad>``), ``values`` (with 0.0), ``attention_mask`` (with 0) and
+    the extra float columns (with 0.0) to the longest cell, as NumPy arrays. ``replaced`` gives flat
+    arrays to pad instead of the batch's own (e.g. masked ``values``), or new float columns
+    (``labels``, padded with -100.0)."""
+    length = flat.padded_length(pad_to_multiple_of)
+    columns = {"input_ids": (flat.ids, PAD_TOKEN_ID, np.int64)}
+    if flat.mask is not None:
+        columns["attention_mask"] = (flat.mask, 0, np.int64)
+    if flat.values is not None:
+        columns["values"] = (flat.values, SPECIAL_VALUE, np.float32)
+    for key, arr in flat.extras.items():
+        columns[key] = (arr, 0.0, np.float32)
+    for key, arr in replaced.items():
+        fill, dtype = columns[key][1:] if key in columns else (IGNORE_INDEX, arr.dtype)
+        columns[key] = (arr, fill, dtype)
+    out = {}
+    for key, (arr, fill, dtype) in columns.items():
+        out[key] = flat.scatter(arr, length, fill, dtype)
+        if key == "input_ids" and flat.mask is None:
+            out["attention_mask"] = (np.arange(length)[None, :] < flat.lengths[:, None]).astype(np.int64)
     return out
+
+
+def _pad_records(records, *, need_values: bool, pad_to_multiple_of: int | None,
+                 extra_float_keys: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """:func:`_flatten` then :func:`_pad_flat`: the padded NumPy arrays of a batch."""
+    flat = _flatten(records, need_values=need_values, extra_float_keys=extra_float_keys)
+    return _pad_flat(flat, pad_to_multiple_of)
 
 
 def _to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -321,7 +645,7 @@ def _check_fraction(fraction, name: str) -> tuple[float, float]:
 
 
 class _SeededCollator:
-    """Shared seeding and padding: subclasses implement :meth:`_collate` on padded NumPy arrays."""
+    """Shared seeding and padding: subclasses implement :meth:`_collate` (records -> dict of NumPy arrays)."""
 
     needs_values = True
 
@@ -345,20 +669,29 @@ class _SeededCollator:
             extra_float_keys=extra_float_keys,
         )
 
+    def _flatten(self, records) -> _Flat:
+        return _flatten(records, need_values=self.needs_values)
+
     def _eligible(self, batch) -> np.ndarray:
         return (batch["attention_mask"] == 1) & (batch["input_ids"] >= FIRST_GENE_ID)
 
-    def _draw(self, batch, stream: int, length: int | None = None) -> np.ndarray:
-        """Uniforms [B, length or L] of random stream ``stream`` for the batch's cells (keys cached in the batch)."""
-        if "_keys" not in batch:
-            batch["_keys"] = _cell_keys(batch["input_ids"], batch.get("values"))
-        length = batch["input_ids"].shape[1] if length is None else length
-        return _uniforms(batch["_keys"], length, self.seed, self.epoch, stream)
+    def _choose(self, flat: _Flat, fraction) -> np.ndarray:
+        """Boolean [N], the flat positions to mask: per cell the exact count of :func:`_choose_exact`
+        among the eligible positions, by random stream 0."""
+        kernel = _choose_kernel()
+        if kernel is None:
+            return _choose_exact_flat(flat, flat.eligible(), flat.draw_bits(self.seed, self.epoch, 0), fraction)
+        weights, value_weights, step, _ = _position_tables(int(flat.lengths.max()) if flat.n else 1)
+        base = _mix64_int(_mix64_int(_mix64_int(self.seed) ^ (self.epoch * _GOLDEN)) ^ 0xD1B54A32D192ED03)
+        empty = np.zeros(0, dtype=np.int64)
+        vbits = empty.view(np.uint32) if flat.values is None else flat.values.view(np.uint32)
+        chosen, flat._keys = kernel(flat.ids, vbits, flat.values is not None, empty if flat.mask is None else flat.mask,
+                                    flat.mask is not None, flat.starts, flat.lengths, weights, value_weights, step,
+                                    np.uint64(base), np.array(np.broadcast_to(np.asarray(fraction, dtype=np.float64), (flat.n,))))
+        return chosen
 
     def __call__(self, records: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self._collate(records)
-        batch.pop("_keys", None)
-        return _to_torch(batch)
+        return _to_torch(self._collate(records))
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -420,20 +753,21 @@ class DataCollatorForGeneMLM(_SeededCollator):
         self.mlm_probability = _check_fraction(mlm_probability, "mlm_probability")[0]
 
     def _collate(self, records):
-        batch = self._pad(records)
-        ids = batch["input_ids"]
-        if ids.max() >= self.vocab_size:
+        flat = self._flatten(records)
+        ids = flat.ids
+        if ids.size and ids.max() >= self.vocab_size:
             raise ValueError(
                 f"A record holds token id {int(ids.max())} but vocab_size is {self.vocab_size}: the corpus was "
                 "built with a different tokenizer. Use the tokenizer the corpus was built with."
             )
-        chosen = _choose_exact(self._eligible(batch), self._draw(batch, 0), np.float64(self.mlm_probability))
-        action = self._draw(batch, 1)
-        random_ids = FIRST_GENE_ID + np.floor(self._draw(batch, 2) * (self.vocab_size - FIRST_GENE_ID)).astype(np.int64)
-        batch["labels"] = np.where(chosen, ids, IGNORE_INDEX)
-        new_ids = np.where(chosen & (action < 0.8), MASK_TOKEN_ID, ids)
-        batch["input_ids"] = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, new_ids)
-        return batch
+        where = np.flatnonzero(self._choose(flat, np.float64(self.mlm_probability)))
+        action = flat.draw(self.seed, self.epoch, 1, where)
+        random_ids = FIRST_GENE_ID + np.floor(flat.draw(self.seed, self.epoch, 2, where) * (self.vocab_size - FIRST_GENE_ID)).astype(np.int64)
+        labels = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
+        labels[where] = ids[where]
+        new_ids = ids.copy()
+        new_ids[where] = np.where(action < 0.8, MASK_TOKEN_ID, np.where(action < 0.9, random_ids, ids[where]))
+        return _pad_flat(flat, self.pad_to_multiple_of, input_ids=new_ids, labels=labels)
 
 
 class _MaskedValueCollator(_SeededCollator):
@@ -447,16 +781,26 @@ class _MaskedValueCollator(_SeededCollator):
         self._range = _check_fraction(self.mask_fraction, "mask_fraction")
 
     def _collate(self, records):
-        batch = self._pad(records)
+        flat = self._flatten(records)
         lo, hi = self._range
-        frac = np.full(len(batch["input_ids"]), lo)
-        if hi > lo:  # per-cell fraction, drawn from the cell's own stream
-            frac = lo + (hi - lo) * self._draw(batch, 3, length=1)[:, 0]
-        chosen = _choose_exact(self._eligible(batch), self._draw(batch, 0), frac)
-        values = batch["values"]
-        batch["labels"] = np.where(chosen, values, np.float32(IGNORE_INDEX))
-        batch["values"] = np.where(chosen, np.float32(MASK_VALUE), values)
-        return batch
+        frac = np.full(flat.n, lo)
+        if hi > lo:  # per-cell fraction, drawn from the cell's own stream (its position 0)
+            frac = lo + (hi - lo) * flat.draw_first(self.seed, self.epoch, 3)
+        chosen = self._choose(flat, frac)
+        values = flat.values
+        pad_kernel = _pad_masked_kernel()
+        if pad_kernel is not None and flat.mask is None:  # one compiled pass writes all four outputs
+            length = flat.padded_length(self.pad_to_multiple_of)
+            out = {"input_ids": np.zeros((flat.n, length), dtype=np.int64),
+                   "attention_mask": np.zeros((flat.n, length), dtype=np.int64),
+                   "values": np.zeros((flat.n, length), dtype=np.float32),
+                   "labels": np.full((flat.n, length), np.float32(IGNORE_INDEX), dtype=np.float32)}
+            pad_kernel(flat.ids, values, chosen, flat.starts, flat.lengths, np.float32(MASK_VALUE),
+                       out["input_ids"], out["attention_mask"], out["values"], out["labels"])
+            return out
+        labels = np.where(chosen, values, np.float32(IGNORE_INDEX))
+        masked = np.where(chosen, np.float32(MASK_VALUE), values)
+        return _pad_flat(flat, self.pad_to_multiple_of, values=masked, labels=labels)
 
 
 class DataCollatorForMaskedExpression(_MaskedValueCollator):

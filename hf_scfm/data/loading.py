@@ -30,6 +30,7 @@ __all__ = [
     "split_by_node",
     "LengthGroupedBatchSampler",
     "length_grouping_arguments",
+    "iter_batches",
 ]
 
 #: Key of the JSON document each shard keeps in its Parquet key-value metadata.
@@ -356,3 +357,80 @@ def length_grouping_arguments(length_column: str = "length") -> dict[str, Any]:
     if "train_sampling_strategy" in fields:
         return {"train_sampling_strategy": "group_by_length", "length_column_name": length_column}
     return {"group_by_length": True, "length_column_name": length_column}
+
+
+def iter_batches(dataset, batch_size: int, collator, *, drop_last: bool = False, prefetch: int = 0) -> Iterator[dict[str, Any]]:
+    """Collated batches straight from a corpus's Arrow record batches: the fast way to feed a model.
+
+    ``for batch in iter_batches(load_corpus(path, streaming=True), 64, collator): model(**batch)``
+
+    Reads ``dataset.with_format("arrow").iter(batch_size)`` (a streaming ``IterableDataset`` or a
+    map-style ``Dataset``, shuffled, split by node, or not) and hands each ``pyarrow.Table`` of
+    ``batch_size`` cells to ``collator``. The hf-scfm collators read an Arrow table as flat, zero-copy
+    NumPy arrays, so no Python object is ever made per cell; a ``torch`` ``DataLoader`` over the same
+    dataset builds a Python list per cell and column first, which costs several times the collating.
+    The batches are the same as collating the same cells as records (same cells, order and masks).
+
+    With ``prefetch > 0`` a background thread reads the next ``prefetch`` Arrow tables while the
+    caller collates (Parquet decoding releases the GIL, and so does the collators' compiled kernel),
+    so reading and collating can overlap; the batches and their order are unchanged. Off by default:
+    on a busy 2-core machine it measured no gain (``datasets``' streaming reader holds the GIL for much
+    of its work); try it where cores are free.
+
+    Args:
+        dataset: a ``datasets.Dataset`` or ``datasets.IterableDataset`` (e.g. from :func:`load_corpus`).
+        batch_size: cells per batch.
+        collator: any callable taking a ``pyarrow.Table`` (every hf-scfm collator does).
+        drop_last: drop the last, smaller batch.
+        prefetch: Arrow tables read ahead in a background thread (0, the default: read in the calling thread).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be 0 or a positive number of batches, got {prefetch}.")
+    if not hasattr(dataset, "with_format"):
+        raise ValueError(f"iter_batches takes a datasets Dataset or IterableDataset, got {type(dataset).__name__}.")
+    tables = dataset.with_format("arrow").iter(batch_size=batch_size, drop_last_batch=drop_last)
+    if prefetch:
+        tables = _read_ahead(tables, prefetch)
+    for table in tables:
+        yield collator(table)
+
+
+def _read_ahead(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """Yield ``items`` while a daemon thread produces up to ``depth`` of them ahead. An exception in
+    the producer is re-raised here; closing this generator early stops the producer."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("done", done))
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            q.put(("error", err))
+
+    thread = threading.Thread(target=produce, name="hf_scfm-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
