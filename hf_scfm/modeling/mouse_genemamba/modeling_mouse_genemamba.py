@@ -534,22 +534,9 @@ def _token_cross_entropy(
     return loss / num_items_in_batch
 
 
-class MouseGeneMambaForCausalLM(MouseGeneMambaPreTrainedModel, GenerationMixin):
-    """Next-gene prediction on the rank-ordered cell sentence (the paper's pretraining objective).
-
-    ``labels`` are ``input_ids`` with padding set to -100 (the next-gene collator does that); the model shifts them
-    inside, so position ``t`` is scored on token ``t + 1``. The LM head is an ``nn.Linear`` tied to the gene
-    embedding when ``config.tie_word_embeddings`` (the default).
-
-    Generation (:meth:`generate`, the standard ``GenerationMixin`` API: greedy, sampling with ``temperature`` /
-    ``top_k`` / ``top_p``, beam search) runs the prompt through the parallel scan once and then steps the
-    recurrent state (:class:`MouseGeneMambaCache`), so each new gene costs O(1) in the sentence length.
-    Generated positions get the expression value ``config.generated_value`` (default 0.0, the value of special
-    tokens: the model predicts which gene comes next, not its value). Prompts as the tokenizer returns them
-    (right-padded) are accepted: :meth:`generate` moves each prompt's padding to its left before starting, so the
-    returned ``sequences`` are left-padded. A tokenized cell ends with ``<eos>``; to continue a cell, cut the
-    prompt before its ``<eos>``.
-    """
+class _MouseGeneMambaWithGeneHead(MouseGeneMambaPreTrainedModel):
+    """Backbone + ``lm_head`` over the gene vocabulary (tied to the gene embedding when
+    ``config.tie_word_embeddings``): the shared part of the causal-LM and masked-LM heads."""
 
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.gene_embeddings.weight"}
 
@@ -570,6 +557,24 @@ class MouseGeneMambaForCausalLM(MouseGeneMambaPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+
+class MouseGeneMambaForCausalLM(_MouseGeneMambaWithGeneHead, GenerationMixin):
+    """Next-gene prediction on the rank-ordered cell sentence (the paper's pretraining objective).
+
+    ``labels`` are ``input_ids`` with padding set to -100 (the next-gene collator does that); the model shifts them
+    inside, so position ``t`` is scored on token ``t + 1``. The LM head is an ``nn.Linear`` tied to the gene
+    embedding when ``config.tie_word_embeddings`` (the default).
+
+    Generation (:meth:`generate`, the standard ``GenerationMixin`` API: greedy, sampling with ``temperature`` /
+    ``top_k`` / ``top_p``, beam search) runs the prompt through the parallel scan once and then steps the
+    recurrent state (:class:`MouseGeneMambaCache`), so each new gene costs O(1) in the sentence length.
+    Generated positions get the expression value ``config.generated_value`` (default 0.0, the value of special
+    tokens: the model predicts which gene comes next, not its value). Prompts as the tokenizer returns them
+    (right-padded) are accepted: :meth:`generate` moves each prompt's padding to its left before starting, so the
+    returned ``sequences`` are left-padded. A tokenized cell ends with ``<eos>``; to continue a cell, cut the
+    prompt before its ``<eos>``.
+    """
 
     def forward(
         self,
@@ -729,7 +734,7 @@ def _left_align(input_ids: torch.Tensor, values: torch.Tensor | None, attention_
     return tuple(aligned)
 
 
-class MouseGeneMambaForMaskedLM(MouseGeneMambaPreTrainedModel):
+class MouseGeneMambaForMaskedLM(_MouseGeneMambaWithGeneHead):
     """Masked gene prediction: the paper's MLM comparison (its Table 1), with the same unidirectional backbone.
 
     Inputs carry ``<mask>`` (id 1) at masked gene positions (the gene-MLM collator masks 15% of genes); ``labels``
@@ -737,26 +742,6 @@ class MouseGeneMambaForMaskedLM(MouseGeneMambaPreTrainedModel):
     ``t``, which has seen tokens ``≤ t`` only: a Mamba block is causal, and the paper compares NTP and MLM on the
     same Mamba, not a bidirectional variant. No shift. The head is tied to the gene embedding as configured.
     """
-
-    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.gene_embeddings.weight"}
-
-    def __init__(self, config: MouseGeneMambaConfig):
-        super().__init__(config)
-        self.backbone = MouseGeneMambaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.backbone.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(
         self,
