@@ -185,6 +185,77 @@ def test_parallel_build_equals_serial(corpus, inputs, tokenizer, tmp_path):
     assert shard_bytes(tmp_path / "par") == shard_bytes(out)
 
 
+def test_one_file_split_over_processes_and_the_unpipelined_padded_path_give_the_same_shards(
+        corpus, inputs, tokenizer, tmp_path, monkeypatch):
+    """num_proc=2 on ONE file cuts its shards into row ranges, one per process; the builder's one-thread,
+    padded-tokenizer path (PIPELINE_DEPTH=0, _tokenize_chunk_padded) writes the same bytes as the default
+    (pipelined, encode_flat) one."""
+    import hf_scfm.data.corpus as corpus_module
+
+    out, _ = corpus
+    first_source = {k: v for k, v in shard_bytes(out).items() if k.startswith("train-00000-")}
+    assert len(first_source) == 3
+    jobs = corpus_module._split_jobs([{"shards": [(k, 64 * k, 64 * k + 64) for k in range(5)]}], 2)
+    assert [[s[0] for s in j["shards"]] for j in jobs] == [[0, 1], [2, 3, 4]]
+    assert len(corpus_module._split_jobs([{"shards": [(0, 0, 5)]}], 4)) == 1  # one shard: nothing to split
+
+    report = build_corpus(inputs[0][0], tokenizer, tmp_path / "split", num_proc=2, mp_context="fork", **BUILD)
+    assert report.shards_written == 3
+    assert shard_bytes(tmp_path / "split") == first_source
+
+    monkeypatch.setattr(corpus_module, "PIPELINE_DEPTH", 0)
+    monkeypatch.setattr(corpus_module, "_tokenize_chunk", corpus_module._tokenize_chunk_padded)
+    build_corpus(inputs[0][0], tokenizer, tmp_path / "serial", **BUILD)
+    assert shard_bytes(tmp_path / "serial") == first_source
+
+
+def _cells_of(batches):
+    """Each cell of collated batches as bytes of its real (unpadded) ids, values and labels, sorted."""
+    cells = []
+    for batch in batches:
+        for i in range(batch["input_ids"].shape[0]):
+            real = batch["attention_mask"][i] == 1
+            cells.append(b"|".join(batch[k][i][real].numpy().tobytes() for k in ("input_ids", "values", "labels")))
+    return sorted(cells)
+
+
+def _batch_bytes(batch):
+    return b"|".join(batch[k].numpy().tobytes() for k in ("input_ids", "values", "attention_mask", "labels"))
+
+
+def test_parallel_iter_batches_yield_the_serial_cells_and_batches(corpus):
+    """Threads and worker processes: the same multiset of cells (masks included) as the serial path; with
+    shards holding a multiple of the batch size, the same batches, in a worker-interleaved order that is
+    the same for threads and processes."""
+    from hf_scfm.data import DataCollatorForMaskedExpression, iter_batches
+
+    out, _ = corpus
+    collator = DataCollatorForMaskedExpression(seed=3)
+    collator.set_epoch(1)
+    stream = load_corpus(out, streaming=True, columns=["input_ids", "values"])
+    assert stream.num_shards == 5  # 64, 64, 22 | 64, 26 cells
+    serial = list(iter_batches(stream, 16, collator))
+    threads = list(iter_batches(stream, 16, collator, num_workers=2))
+    procs = list(iter_batches(stream, 16, collator, num_workers=2, processes=True, multiprocessing_context="fork"))
+    assert sum(b["input_ids"].shape[0] for b in threads) == N_A + N_B
+    assert _cells_of(threads) == _cells_of(procs) == _cells_of(serial)
+    # 16 divides 64: batches are cut at the same places except around the short shards
+    assert [_batch_bytes(b) for b in threads] == [_batch_bytes(b) for b in procs]
+    assert [_batch_bytes(b) for b in threads] != [_batch_bytes(b) for b in serial]  # interleaved, not serial order
+    # worker 0 reads shards 0, 2, 4 and worker 1 shards 1, 3; batches alternate between them
+    w0 = list(iter_batches(stream.shard(num_shards=2, index=0, contiguous=False), 16, collator))
+    w1 = list(iter_batches(stream.shard(num_shards=2, index=1, contiguous=False), 16, collator))
+    expected = [b for pair in zip(w0, w1) for b in pair] + w0[len(w1):] + w1[len(w0):]
+    assert [_batch_bytes(b) for b in threads] == [_batch_bytes(b) for b in expected]
+    # a map-style corpus: contiguous blocks of rows per worker, the same cells again
+    mapped = load_corpus(out, columns=["input_ids", "values"])
+    assert _cells_of(iter_batches(mapped, 24, collator, num_workers=3)) == _cells_of(serial)
+    with pytest.raises(ValueError, match="5 shard\\(s\\) for 6 workers"):
+        next(iter_batches(stream, 16, collator, num_workers=6))
+    with pytest.raises(ValueError, match="num_workers must be 0 or a positive"):
+        next(iter_batches(stream, 16, collator, num_workers=-1))
+
+
 def test_command_line_arguments_build_the_same_cells(corpus, inputs, tmp_path):
     import argparse
 

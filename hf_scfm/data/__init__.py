@@ -11,6 +11,7 @@ from .collators import (
 from .corpus import CorpusBuildReport, build_corpus
 from .examples import EXAMPLES, example_path, load_example
 from .loading import (
+    CollatedBatches,
     CorpusFormatError,
     LengthGroupedBatchSampler,
     iter_batches,
@@ -28,6 +29,7 @@ __all__ = [
     "CorpusBuildReport",
     "load_corpus",
     "iter_batches",
+    "CollatedBatches",
     "CorpusFormatError",
     "split_by_column",
     "split_by_node",

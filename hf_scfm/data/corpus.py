@@ -27,8 +27,15 @@ Choices, and why:
 * **Metadata in the footer.** Each shard's Parquet key-value metadata holds (key ``hf_scfm``) the
   tokenizer settings, its source and cell range and label counts. The loader validates a corpus and
   the card is written from the footers alone, without reading cell data.
-* **Parallel by file.** ``num_proc > 1`` builds several sources at once in spawned processes (safe
-  with torch and threads, unlike fork); each loads the tokenizer saved in ``out_dir/tokenizer``.
+* **Pipelined.** Within one process a background thread reads and tokenizes the next chunk while the
+  calling thread writes the previous one to Parquet (h5py + the tokenizer's compiled kernel on one
+  core, Arrow's encoder and zstd on another); chunks are written in order, so the files do not depend on
+  it. ``GeneTokenizer.encode_flat`` hands over unpadded flat arrays, which become Arrow list columns as is.
+* **Parallel by file, or by row range.** ``num_proc > 1`` builds several sources at once in spawned
+  processes (safe with torch and threads, unlike fork); each loads the tokenizer saved in
+  ``out_dir/tokenizer``. With fewer sources than processes, a source's shards are split into runs of
+  consecutive shards (row ranges) over the processes. Every shard is written whole by one process, so
+  the result is byte-identical to a serial build whatever ``num_proc``.
 """
 
 from __future__ import annotations
@@ -108,9 +115,26 @@ def _load_tokenizer(path: str):
 def _tokenize_chunk(tokenizer, counts, gene_ids, n_counts, max_length: int | None):
     """Tokenize one chunk of counts; return (offsets int32 [n+1], flat ids int32, flat values float32, lengths int32).
 
-    The tokenizer pads the chunk (right padding, as its contract says); the real tokens are taken
-    out row by row into flat arrays, which become Arrow list columns without a Python loop.
+    ``GeneTokenizer.encode_flat`` gives the unpadded sentences as flat arrays, which become Arrow list
+    columns without a Python loop and without a padded ``[B, L]`` array. A tokenizer without it is
+    called as usual (right padding, as its contract says) and the real tokens are taken out.
     """
+    if not hasattr(tokenizer, "encode_flat"):
+        return _tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length)
+    from .anndata_io import CountSource
+
+    # a CountSource: the gene names (a tuple, the same object for every chunk of a source) are not copied
+    # or re-checked per chunk, and the tokenizer finds their column map by identity
+    chunk = CountSource(matrix=counts, var_names=gene_ids, obs=None, n_obs=counts.shape[0],
+                        library_sizes=None if n_counts is None else np.asarray(n_counts, dtype=np.float64))
+    flat = tokenizer.encode_flat(chunk, max_length=max_length, truncation=True)
+    return (flat["offsets"].astype(np.int32), flat["input_ids"].astype(np.int32, copy=False),
+            flat["values"], flat["length"].astype(np.int32))
+
+
+def _tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length: int | None):
+    """:func:`_tokenize_chunk` through the tokenizer's padded ``__call__`` (any tokenizer; the path before
+    ``encode_flat``, kept for tokenizers without it and as the benchmark's baseline)."""
     enc = tokenizer(counts, gene_ids=gene_ids, n_counts=n_counts, max_length=max_length, padding=True,
                     truncation=True, return_tensors="np")
     ids, values, mask = (np.asarray(enc[k]) for k in ("input_ids", "values", "attention_mask"))
@@ -324,68 +348,113 @@ def _shard_status(path: str, expected: dict) -> str:
     return "done" if same else "different"
 
 
-def _write_shard(src, source, shard, start, stop, *, tokenizer, max_length, chunk_size, schema,
-                 settings, obs_kinds, data_dir, progress=None):
-    """Write one shard via a temporary file and an atomic rename."""
+def _encoded_chunks(src, source, shards, *, tokenizer, max_length, chunk_size, schema, obs_kinds):
+    """``(shard, lo, hi, Arrow table, label counts, n_tokens)`` for every chunk of the listed shards, in order:
+    the read (h5ad), tokenize and Arrow-conversion half of the build."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    final = os.path.join(data_dir, _shard_name(source.index, shard))
-    tmp = os.path.join(data_dir, f"{_TMP_PREFIX}{os.getpid()}-{_shard_name(source.index, shard)}.partial")
-    meta = _expected_meta(source, shard, start, stop, settings, obs_kinds, chunk_size)
-    label_counts: dict[str, Counter] = {c: Counter() for c, k in obs_kinds.items() if k == "string"}
-    n_tokens = 0
-    with pq.ParquetWriter(tmp, schema, **_PARQUET_OPTIONS,
-                          use_dictionary=[c for c, k in obs_kinds.items() if k == "string"] + ["source_file"]) as writer:
-        for lo in range(start, stop, chunk_size):  # one row group per chunk; memory is one chunk
+    gene_names = tuple(src.var_names)
+    for shard, start, stop in shards:
+        for lo in range(start, stop, chunk_size):
             hi = min(lo + chunk_size, stop)
             counts = src.rows(lo, hi)
             lib = None if src.library_sizes is None else src.library_sizes[lo:hi]
             try:
-                offsets, ids, values, lengths = _tokenize_chunk(tokenizer, counts, src.var_names, lib, max_length)
+                offsets, ids, values, lengths = _tokenize_chunk(tokenizer, counts, gene_names, lib, max_length)
             except ValueError as err:
                 raise ValueError(f"{source.path or source.name} (cells {lo}:{hi}): {err}") from err
             obs = src.obs.iloc[lo:hi]
             obs_arrays, label_chunk = _obs_arrays(obs, obs_kinds)
-            for col, c in label_chunk.items():
-                label_counts[col].update(c)
-            n_tokens += int(lengths.sum())
+            offsets = pa.array(offsets)
             columns = [
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+                pa.ListArray.from_arrays(offsets, pa.array(ids)),
+                pa.ListArray.from_arrays(offsets, pa.array(values)),
                 pa.array(lengths),
                 pa.array([str(x) for x in obs.index], type=pa.string()),
                 *obs_arrays,
                 pa.array([source.name] * (hi - lo), type=pa.string()),
             ]
-            writer.write_table(pa.Table.from_arrays(columns, schema=schema), row_group_size=hi - lo)
-            del counts, columns, offsets, ids, values
-            if progress is not None:
-                progress(hi - lo)
-        meta["n_cells"] = stop - start
-        meta["n_tokens"] = n_tokens
-        meta["label_counts"] = {c: dict(sorted(v.items())) for c, v in label_counts.items()}
-        writer.add_key_value_metadata({METADATA_KEY.decode(): json.dumps(meta, sort_keys=True)})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
+            yield shard, lo, hi, pa.Table.from_arrays(columns, schema=schema), label_chunk, int(lengths.sum())
+
+
+class _ShardWriter:
+    """One shard being written: a hidden temporary file, renamed into place (atomically) when complete."""
+
+    def __init__(self, source, shard, start, stop, *, schema, settings, obs_kinds, chunk_size, data_dir):
+        import pyarrow.parquet as pq
+
+        self.final = os.path.join(data_dir, _shard_name(source.index, shard))
+        self.tmp = os.path.join(data_dir, f"{_TMP_PREFIX}{os.getpid()}-{_shard_name(source.index, shard)}.partial")
+        self.meta = _expected_meta(source, shard, start, stop, settings, obs_kinds, chunk_size)
+        self.n_cells = stop - start
+        self.label_counts: dict[str, Counter] = {c: Counter() for c, k in obs_kinds.items() if k == "string"}
+        self.n_tokens = 0
+        self.writer = pq.ParquetWriter(self.tmp, schema, **_PARQUET_OPTIONS,
+                                       use_dictionary=[c for c, k in obs_kinds.items() if k == "string"] + ["source_file"])
+
+    def write(self, table, label_chunk, n_tokens) -> None:
+        self.writer.write_table(table, row_group_size=table.num_rows)  # one row group per chunk
+        for col, c in label_chunk.items():
+            self.label_counts[col].update(c)
+        self.n_tokens += n_tokens
+
+    def finish(self) -> None:
+        self.meta["n_cells"] = self.n_cells
+        self.meta["n_tokens"] = self.n_tokens
+        self.meta["label_counts"] = {c: dict(sorted(v.items())) for c, v in self.label_counts.items()}
+        self.writer.add_key_value_metadata({METADATA_KEY.decode(): json.dumps(self.meta, sort_keys=True)})
+        self.writer.close()
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.final)
+
+    def abort(self) -> None:
+        """Close the file, leaving the temporary file (removed by the next run; loaders never read it)."""
+        self.writer.close()
+
+
+#: Chunks the read+tokenize thread may run ahead of the Parquet writer (each about chunk_size cells);
+#: 0 runs both stages in the calling thread, one after the other (same files).
+PIPELINE_DEPTH = 2
 
 
 def _build_source(job: dict, progress=None) -> int:
-    """Build the listed shards of one source (runs in the main process or a worker)."""
+    """Build the listed shards of one source (runs in the main process or a worker).
+
+    Two stages overlap: a background thread reads and tokenizes chunk ``i + 1`` (h5py, the tokenizer's
+    compiled kernel and NumPy) while this thread writes chunk ``i`` to Parquet (Arrow's encoder and zstd
+    release the GIL), ``PIPELINE_DEPTH`` chunks at most in flight, so memory stays a few chunks. Chunks are
+    written in order, one row group each: the shards are byte-identical to a one-thread build.
+    """
+    from .anndata_io import open_count_source
+    from .loading import _read_ahead
+
     tokenizer = job["tokenizer"] if job.get("tokenizer") is not None else _load_tokenizer(job["tokenizer_dir"])
     source: _Source = job["source"]
-    from .anndata_io import open_count_source
-
     src = open_count_source(source.adata if source.adata is not None else source.path)
+    bounds = {shard: (start, stop) for shard, start, stop in job["shards"]}
+    current: _ShardWriter | None = None
+    chunks = _encoded_chunks(src, source, job["shards"], tokenizer=tokenizer, max_length=job["max_length"],
+                             chunk_size=job["chunk_size"], schema=job["schema"], obs_kinds=job["obs_kinds"])
+    stream = _read_ahead(chunks, PIPELINE_DEPTH) if PIPELINE_DEPTH else chunks
     try:
-        for shard, start, stop in job["shards"]:
-            _write_shard(
-                src, source, shard, start, stop, tokenizer=tokenizer, max_length=job["max_length"],
-                chunk_size=job["chunk_size"], schema=job["schema"], settings=job["settings"],
-                obs_kinds=job["obs_kinds"], data_dir=job["data_dir"], progress=progress,
-            )
+        for shard, lo, hi, table, label_chunk, n_tokens in stream:
+            if current is None or current.meta["shard"] != shard:
+                if current is not None:
+                    current.finish()
+                current = _ShardWriter(source, shard, *bounds[shard], schema=job["schema"], settings=job["settings"],
+                                       obs_kinds=job["obs_kinds"], chunk_size=job["chunk_size"], data_dir=job["data_dir"])
+            current.write(table, label_chunk, n_tokens)
+            del table
+            if progress is not None:
+                progress(hi - lo)
+        if current is not None:
+            current.finish()
+            current = None
     finally:
+        stream.close()  # stops (and waits for) the reading thread before the file is closed
+        if current is not None:
+            current.abort()
         handle = getattr(src.matrix, "group", None)
         handle = getattr(handle, "file", None)
         if source.adata is None and handle is not None:
@@ -499,7 +568,8 @@ def build_corpus(
         obs_columns: obs columns copied into every row (labels, donors, batches); every input must
             have them, with one type across inputs.
         max_length: tokens per cell including special tokens; ``None`` uses the tokenizer's default.
-        num_proc: sources built in parallel processes.
+        num_proc: processes building at once: sources in parallel, and runs of shards (row ranges) of one
+            source when there are fewer sources than processes. Same files as ``num_proc=1``.
         overwrite: rebuild shards whose footer says they come from other inputs or settings (and
             drop shards that are not part of this build) instead of raising.
         progress: show a tqdm progress bar over cells.
@@ -600,7 +670,7 @@ def build_corpus(
     bar = tqdm(total=to_build_cells, unit="cell", desc="tokenizing", disable=not progress)
     try:
         in_process = [j for j in jobs if j["source"].adata is not None or num_proc <= 1]
-        parallel = [j for j in jobs if j not in in_process]
+        parallel = _split_jobs([j for j in jobs if j not in in_process], num_proc)
         if parallel:
             _run_parallel(parallel, num_proc, bar, mp_context)
         for job in in_process:
@@ -620,6 +690,21 @@ def build_corpus(
         shards_written=sum(len(j["shards"]) for j in jobs), shards_skipped=skipped,
         cells_per_source=per_source, label_counts=labels,
     )
+
+
+def _split_jobs(jobs: list[dict], num_proc: int) -> list[dict]:
+    """With fewer sources than processes, cut the largest jobs into runs of consecutive shards (row ranges
+    of one file) until every process has one: one big file then uses every core. Each shard is still
+    written whole by one process, so the files are the same as a serial build's."""
+    jobs = list(jobs)
+    while jobs and len(jobs) < num_proc:
+        i = max(range(len(jobs)), key=lambda k: len(jobs[k]["shards"]))
+        shards = jobs[i]["shards"]
+        if len(shards) < 2:
+            break
+        half = len(shards) // 2
+        jobs[i:i + 1] = [dict(jobs[i], shards=shards[:half]), dict(jobs[i], shards=shards[half:])]
+    return jobs
 
 
 def _run_parallel(jobs, num_proc, bar, mp_context) -> None:

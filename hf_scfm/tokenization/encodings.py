@@ -10,8 +10,11 @@ sort of millions of keys, same result because the row is the key's top field).
 
 ``rank`` skips the canonical (token-ordered) entries altogether (:func:`encode_rank_csr`): one sort per
 block of the CSR chunk in input column order, with the token rank inside the key for the tie-break; the
-``rank`` blocks run on a few threads (NumPy releases the GIL). ``binned`` and ``continuous`` (and ``rank``
-when input columns must be summed) go through :func:`gather_entries`.
+``rank`` blocks run on a few threads (NumPy releases the GIL). ``binned`` and ``continuous`` run through a
+compiled per-cell kernel when numba is installed (:func:`encode_sampled_flat`, the ``fast`` extra;
+several times faster than the NumPy path, which stays as the fallback and the reference:
+``HF_SCFM_NUMBA=0``); otherwise, and ``rank`` when input columns must be summed, they go through
+:func:`gather_entries`.
 
 Definitions (the reference implementation in ``tests/test_tokenizer.py`` follows them cell by cell):
 
@@ -275,6 +278,7 @@ RANK_BLOCK_ENTRIES = 1 << 14
 #: Worker threads for the blocks of :func:`encode_rank_csr` (NumPy releases the GIL in its loops and sorts).
 #: ``HF_SCFM_TOKENIZER_THREADS`` overrides; 1 runs the blocks in the calling thread.
 _POOL = None
+_POOL_PID = [os.getpid()]
 
 
 def _n_threads() -> int:
@@ -293,7 +297,9 @@ def _map_blocks(fn, spans):
     n = _n_threads()
     if n == 1 or len(spans) < 2:
         return [fn(*span) for span in spans]
-    if _POOL is None or _POOL._max_workers != n:
+    if _POOL is None or _POOL._max_workers != n or _POOL_PID[0] != os.getpid():
+        # a forked child inherits the pool object but not its threads: it makes its own
+        _POOL_PID[0] = os.getpid()
         from concurrent.futures import ThreadPoolExecutor
 
         _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="hf_scfm_tokenize")
@@ -566,3 +572,297 @@ def assemble(sentences: list[GeneSentences], prefix: list[int], suffix: list[int
         ids[np.arange(n_cells), n_pre + lengths + j] = tid
     mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
     return ids, values, mask, total
+
+
+def flatten_sentences(sentences: list[GeneSentences], prefix: list[int], suffix: list[int],
+                      ids_dtype=np.int64) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Unpadded sentences ``(offsets int64 [B+1], ids, values float32, lengths int64)``, specials included.
+
+    Cell ``i`` is ``ids[offsets[i]:offsets[i+1]]``: what the corpus builder stores as Arrow list columns,
+    without the padded ``[B, L]`` round trip of :func:`assemble` (same tokens and values, minus padding).
+    """
+    if len(sentences) == 1:
+        token, value, glen = sentences[0].token, sentences[0].value, sentences[0].lengths
+    elif sentences:
+        token = np.concatenate([s.token for s in sentences])
+        value = np.concatenate([s.value for s in sentences])
+        glen = np.concatenate([s.lengths for s in sentences])
+    else:
+        token, value, glen = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    n_pre, n_suf = len(prefix), len(suffix)
+    lengths = glen.astype(np.int64) + (n_pre + n_suf)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.empty(int(offsets[-1]), dtype=ids_dtype)
+    values = np.zeros(int(offsets[-1]), dtype=np.float32)
+    if n_pre + n_suf == 0:
+        ids[:] = token
+        values[:] = value
+        return offsets, ids, values, lengths
+    gene = np.ones(len(ids), dtype=bool)  # one boolean-mask write per column (row-major = sentence order)
+    for j, tid in enumerate(prefix):
+        gene[offsets[:-1] + j] = False
+        ids[offsets[:-1] + j] = tid
+    for j, tid in enumerate(suffix):
+        at = offsets[1:] - n_suf + j
+        gene[at] = False
+        ids[at] = tid
+    ids[gene] = token
+    values[gene] = value
+    return offsets, ids, values, lengths
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optional compiled path (numba, the ``fast`` extra; a dependency of scanpy) for ``binned`` and
+# ``continuous``: one pass per chunk puts every row's matched, non-zero entries in token order (a counting
+# sort by token rank over the whole chunk, then a stable scatter back to the rows: O(nnz + vocabulary),
+# no per-row comparison sort), then one pass per cell computes the quantile bins (a histogram of the
+# integer counts; a sort only for cells holding non-integer or huge counts), the content hash and the
+# seeded sample (a 256-bucket histogram of the 32-bit keys, then the boundary bucket sorted), and writes
+# the kept genes in token order. Bit-identical to ``encode_binned`` / ``encode_continuous`` over
+# ``gather_entries`` (the NumPy path, kept as the fallback and the reference; tests pin the two together).
+# ``HF_SCFM_NUMBA=0`` turns it off. Inputs whose columns must be summed (duplicate genes) and
+# ``include_zero_genes`` take the NumPy path.
+# ----------------------------------------------------------------------------------------------------------
+_NB: dict = {}
+_S24, _S27, _S30, _S31, _S32 = (np.uint64(s) for s in (24, 27, 30, 31, 32))
+#: Integer counts below this are ranked through a histogram (one table entry per count value).
+_HIST_SIZE = 1 << 16
+
+
+def _mix_scalar(z):
+    """:func:`splitmix64` on one uint64 (compiled by numba)."""
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+def _row_counts_py(indptr, indices, data, col_rank):
+    """Matched non-zero entries per row of a CSR chunk (the sentence lengths before sampling). Compiled."""
+    n_rows = indptr.shape[0] - 1
+    out = np.zeros(n_rows, dtype=np.int64)
+    for r in range(n_rows):
+        c = 0
+        for e in range(indptr[r], indptr[r + 1]):
+            if col_rank[indices[e]] >= 0 and data[e] != 0:
+                c += 1
+        out[r] = c
+    return out
+
+
+def _sampled_rows_py(indptr, indices, data, col_rank, tokens, r0, r1, n_genes, seed_mix, n_bins, do_bins,
+                     out_start, out_tok, out_val):
+    """Rows ``[r0, r1)`` of a CSR chunk: row ``r``'s gene part (matched non-zero entries in token order,
+    sampled to ``n_genes``, seeded by content) is written to ``out_tok`` / ``out_val`` from ``out_start[r]``;
+    the value is the quantile bin (``do_bins``) or the float32 count. Compiled by numba; see above."""
+    n_tok = tokens.shape[0]
+    n_rows = r1 - r0
+    n_pass = 1  # LSD radix passes of 8 bits over the token rank
+    while (1 << (8 * n_pass)) < n_tok:
+        n_pass += 1
+    max_n = 1
+    for r in range(r0, r1):
+        max_n = max(max_n, indptr[r + 1] - indptr[r])
+    key_a = np.empty(max_n, dtype=np.int64)
+    cnt_a = np.empty(max_n, dtype=np.float32)
+    key_b = np.empty(max_n, dtype=np.int64)
+    cnt_b = np.empty(max_n, dtype=np.float32)
+    c_tok = np.empty(max_n, dtype=np.int64)
+    radix = np.zeros((n_pass, 257), dtype=np.int64)
+    hist = np.zeros(_HIST_SIZE, dtype=np.int64)
+    distinct = np.empty(max_n, dtype=np.int64)
+    value = np.empty(max_n, dtype=np.float32)
+    h32 = np.empty(max_n, dtype=np.uint64)
+    cand = np.empty(max_n, dtype=np.uint64)
+    buckets = np.zeros(256, dtype=np.int64)
+    for r in range(n_rows):
+        # 1. the row's matched non-zero entries, in token order (an LSD radix sort by token rank when the
+        #    input columns are not already in token order)
+        n = 0
+        nd = 0
+        n_one = 0
+        ordered = True
+        general = False
+        last = -1
+        for e in range(indptr[r0 + r], indptr[r0 + r + 1]):
+            k = col_rank[indices[e]]
+            v = data[e]
+            if k >= 0 and v != 0:
+                key_a[n] = k
+                cnt_a[n] = v
+                if k < last:
+                    ordered = False
+                last = k
+                n += 1
+                if do_bins:  # histogram of the integer counts (for the bins); 1s, the most common, in a register
+                    iv = np.int64(v)
+                    if v == 1:
+                        n_one += 1
+                    elif iv == v and iv < _HIST_SIZE:
+                        if hist[iv] == 0:
+                            distinct[nd] = iv
+                            nd += 1
+                        hist[iv] += 1
+                    else:
+                        general = True
+        if n == 0:
+            continue
+        o = out_start[r0 + r]
+        if not ordered:
+            radix[:, :] = 0
+            for j in range(n):  # every digit's histogram in one read of the keys
+                for ps in range(n_pass):
+                    radix[ps, ((key_a[j] >> (8 * ps)) & 255) + 1] += 1
+            for ps in range(n_pass):
+                shift = 8 * ps
+                for i in range(256):
+                    radix[ps, i + 1] += radix[ps, i]
+                for j in range(n):
+                    d = (key_a[j] >> shift) & 255
+                    q = radix[ps, d]
+                    radix[ps, d] = q + 1
+                    key_b[q] = key_a[j]
+                    cnt_b[q] = cnt_a[j]
+                key_a, key_b = key_b, key_a
+                cnt_a, cnt_b = cnt_b, cnt_a
+        for j in range(n):
+            c_tok[j] = tokens[key_a[j]]
+        c_cnt = cnt_a
+        c_bits = c_cnt.view(np.uint32)
+        if do_bins:  # bin = 1 + (n_bins - 1) * (number of entries with a smaller count) // n
+            if general:  # non-integer or huge counts: rank by a sort of the cell's counts
+                srt = np.sort(c_cnt[:n])
+                for j in range(n):
+                    below = np.searchsorted(srt, c_cnt[j])
+                    value[j] = np.float32(1 + ((n_bins - 1) * below) // n)
+                for i in range(nd):
+                    hist[distinct[i]] = 0
+            else:  # one division per distinct count: the table maps a count to its bin (a count of 1: bin 1)
+                order = np.sort(distinct[:nd])
+                below = n_one
+                for i in range(nd):
+                    c = hist[order[i]]
+                    hist[order[i]] = 1 + ((n_bins - 1) * below) // n
+                    below += c
+                for j in range(n):
+                    v = c_cnt[j]
+                    value[j] = np.float32(1) if v == 1 else np.float32(hist[np.int64(v)])
+                for i in range(nd):
+                    hist[order[i]] = 0
+        else:
+            for j in range(n):
+                value[j] = c_cnt[j]
+        if n <= n_genes:
+            for j in range(n):
+                out_tok[o] = c_tok[j]
+                out_val[o] = value[j]
+                o += 1
+            continue
+        # sample: the n_genes entries with the smallest (entry_hash32, token)
+        acc = np.uint64(0)
+        for j in range(n):
+            acc += _mix_nb((np.uint64(c_tok[j]) * _GOLDEN) ^ np.uint64(c_bits[j]))
+        cell = _mix_nb(acc ^ seed_mix)
+        buckets[:] = 0
+        for j in range(n):
+            h = _mix_nb(cell + (np.uint64(c_tok[j]) + np.uint64(1)) * _GOLDEN) >> _S32
+            h32[j] = h
+            buckets[np.int64(h >> _S24)] += 1
+        t, below = 0, 0
+        while below + buckets[t] < n_genes:  # bucket t holds the n_genes-th smallest key
+            below += buckets[t]
+            t += 1
+        tb = np.uint64(t)
+        nc = 0
+        for j in range(n):
+            if (h32[j] >> _S24) == tb:
+                cand[nc] = (h32[j] << _S32) | np.uint64(c_tok[j])
+                nc += 1
+        threshold = np.sort(cand[:nc])[n_genes - below - 1]
+        for j in range(n):
+            hb = h32[j] >> _S24
+            if hb < tb or (hb == tb and ((h32[j] << _S32) | np.uint64(c_tok[j])) <= threshold):
+                out_tok[o] = c_tok[j]
+                out_val[o] = value[j]
+                o += 1
+
+
+_mix_nb = None
+
+
+def _sampled_kernel():
+    """The compiled :func:`_sampled_rows_py`, or None when numba is missing or ``HF_SCFM_NUMBA=0``
+    (built once per process; numba caches the machine code on disk, so only the first process compiles)."""
+    if "sampled" not in _NB:
+        _NB["sampled"] = None
+        if os.environ.get("HF_SCFM_NUMBA", "1") != "0":
+            try:
+                import numba
+            except ImportError:
+                return None
+            global _mix_nb
+            _mix_nb = numba.njit(cache=True, nogil=True, inline="always")(_mix_scalar)
+            _NB["sampled"] = numba.njit(cache=True, nogil=True)(_sampled_rows_py)
+            _NB["row_counts"] = numba.njit(cache=True, nogil=True)(_row_counts_py)
+    return _NB["sampled"]
+
+
+def encode_sampled_flat(counts, colmap: ColumnMap, n_genes: int, seed: int, n_bins: int | None,
+                        n_counts: np.ndarray | None = None, prefix=(), suffix=(), ids_dtype=np.int64):
+    """``binned`` (``n_bins`` given) or ``continuous`` (``n_bins`` None, needs ``n_counts``) sentences of a
+    CSR chunk through the compiled kernel, as flat arrays ``(offsets int64 [B+1], ids, values float32,
+    lengths int64)`` with the ``prefix`` / ``suffix`` special tokens in place (what :func:`flatten_sentences`
+    makes of the NumPy path's sentences: the same arrays). Returns None when the kernel is unavailable
+    (numba missing or ``HF_SCFM_NUMBA=0``) or the input has columns to sum (duplicate genes): the caller
+    then takes the NumPy path.
+
+    A first compiled pass counts each row's genes, so every row's place in the output is known and the
+    kernel writes there directly (no per-block pieces to concatenate, no padded array). Blocks of rows,
+    one per thread of the tokenizer's pool (the kernel releases the GIL), write disjoint parts of the
+    output, so the thread count never changes the result.
+    """
+    kernel = _sampled_kernel()
+    if kernel is None or colmap.has_duplicates:
+        return None
+    counts = counts.tocsr()
+    n_cells = counts.shape[0]
+    indptr = np.asarray(counts.indptr, dtype=np.int64)
+    data = counts.data if counts.data.dtype == np.float32 else counts.data.astype(np.float32)
+    indices = counts.indices
+    with np.errstate(over="ignore"):
+        seed_mix = splitmix64(np.uint64(seed % (1 << 64)) + _GOLDEN)[()]
+    do_bins = n_bins is not None
+    n_pre, n_suf = len(prefix), len(suffix)
+    lengths = np.minimum(_NB["row_counts"](indptr, indices, data, colmap.rank), n_genes) + (n_pre + n_suf)
+    offsets = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.empty(int(offsets[-1]), dtype=ids_dtype)
+    values = np.zeros(int(offsets[-1]), dtype=np.float32)
+    for j, tid in enumerate(prefix):
+        ids[offsets[:-1] + j] = tid
+    for j, tid in enumerate(suffix):
+        ids[offsets[1:] - n_suf + j] = tid
+    start = offsets[:-1] + n_pre
+    n_spans = _n_threads() if int(indptr[-1]) > 4 * SORT_BLOCK_ENTRIES else 1
+    edges = np.unique(np.concatenate(([0, n_cells], np.searchsorted(indptr, np.linspace(0, indptr[-1], n_spans + 1)[1:-1]))))
+    edges = edges.astype(np.int64).tolist()
+    spans = [(r0, r1) for r0, r1 in zip(edges[:-1], edges[1:]) if r1 > r0]
+    _map_blocks(lambda r0, r1: kernel(indptr, indices, data, colmap.rank, colmap.tokens, r0, r1, int(n_genes),
+                                     seed_mix, int(n_bins) if do_bins else 2, do_bins, start, ids, values), spans)
+    if not do_bins:  # continuous: log1p(x_norm) of the kept counts, as encode_continuous computes it (specials: 0)
+        x_norm = values.astype(np.float64)
+        x_norm /= np.repeat(np.asarray(n_counts, dtype=np.float64), lengths)
+        x_norm *= TARGET_SUM
+        values = np.log1p(x_norm).astype(np.float32)
+    return offsets, ids, values, lengths
+
+
+def encode_sampled_csr(counts, colmap: ColumnMap, n_genes: int, seed: int, n_bins: int | None,
+                       n_counts: np.ndarray | None = None) -> GeneSentences | None:
+    """:func:`encode_sampled_flat` as :class:`GeneSentences` (no special tokens): the same sentences as
+    ``encode_binned`` / ``encode_continuous`` over ``gather_entries``, or None (see there)."""
+    flat = encode_sampled_flat(counts, colmap, n_genes, seed, n_bins, n_counts)
+    if flat is None:
+        return None
+    _, token, value, lengths = flat
+    return GeneSentences(token=token, value=value, lengths=lengths)

@@ -328,13 +328,18 @@ class GeneTokenizer(TokenizersBackend):
 
     # ------------------------------------------------------------------ gene mapping
     def _column_map(self, var_names):
-        """``(ColumnMap, MappingReport)`` for these input genes; cached per distinct ``var_names``."""
+        """``(ColumnMap, MappingReport)`` for these input genes; cached per distinct ``var_names`` (and by
+        identity for a tuple passed again, chunk after chunk: no pass over the names)."""
+        last = getattr(self, "_last_column_map", None)
+        if last is not None and last[0] is var_names:
+            return last[1]
         key = tuple(var_names)
         if set(map(type, key)) != {str}:  # usually already str (open_count_source): no per-name str() then
             key = tuple(str(v) for v in key)
         cached = self._column_cache.get(key)
         if cached is not None:
             self._column_cache.move_to_end(key)
+            self._remember_names(var_names, cached)
             return cached
         table = load_gene_table(self.species) if self.species is not None else None
         token_ids, report = map_genes(key, self._token_to_id, table, self.ambiguous)
@@ -343,10 +348,16 @@ class GeneTokenizer(TokenizersBackend):
             warnings.warn(f"{len(report.duplicates)} input genes map to a token another input gene already maps to "
                           f"(e.g. {ex}); their counts are summed into that token.", stacklevel=3)
         result = (enc.ColumnMap.from_token_ids(token_ids), report)
+        self._remember_names(var_names, result)
         self._column_cache[key] = result
         while len(self._column_cache) > 8:
             self._column_cache.popitem(last=False)
         return result
+
+    def _remember_names(self, var_names, result) -> None:
+        """Identity cache of :meth:`_column_map` for a tuple of names (immutable: the same object is the same
+        genes), e.g. the corpus builder passing one source's names with every chunk."""
+        self._last_column_map = (var_names, result) if isinstance(var_names, tuple) else None
 
     def mapping_report(self, data, gene_ids=None):
         """The :class:`MappingReport` of ``data``'s genes (AnnData, h5ad path, or a list of gene names)."""
@@ -402,40 +413,11 @@ class GeneTokenizer(TokenizersBackend):
                                     return_tensors=return_tensors, **kwargs)
         if kwargs:
             raise TypeError(f"Unexpected arguments for encoding cells: {sorted(kwargs)}.")
-        from ..data.anndata_io import iter_count_chunks, open_count_source
-
         max_length = int(max_length or self.model_max_length)
-        prefix = [self._token_to_id[t] for t in self.prefix_tokens]
-        suffix = [self._token_to_id[t] for t in self.suffix_tokens]
-        n_genes = max_length - len(prefix) - len(suffix) if truncation else np.iinfo(np.int32).max
-        if n_genes < 1:
-            raise ValueError(f"max_length={max_length} leaves no room for genes after {len(prefix) + len(suffix)} "
-                             "special tokens.")
-        seed = self.seed if seed is None else int(seed)
-        check = self.check_counts if check_counts is None else check_counts
-        medians = self._median_array() if self.encoding == "rank" else None
-
-        src = open_count_source(cells, gene_ids, layer, n_counts)
-        colmap, report = self._column_map(src.var_names)
-        self._check_match(report)
-        rows_per_chunk = int(chunk_size or self.chunk_size)
-        if self.encoding == "binned" and self.include_zero_genes:
-            rows_per_chunk = max(1, min(rows_per_chunk, (1 << 23) // max(1, len(colmap.tokens))))
-        sentences = []
-        for counts, obs in iter_count_chunks(src, rows_per_chunk, check_counts=check):
-            if self.encoding == "rank":  # straight from the CSR chunk; canonical path when columns must be summed
-                fast = enc.encode_rank_csr(counts, colmap, obs["n_counts"].to_numpy(), medians, n_genes)
-                if fast is not None:
-                    sentences.append(fast)
-                    continue
-            entries = enc.gather_entries(counts, colmap, obs["n_counts"].to_numpy())
-            if self.encoding == "rank":
-                sentences.append(enc.encode_rank(entries, medians, n_genes))
-            elif self.encoding == "continuous":
-                sentences.append(enc.encode_continuous(entries, n_genes, seed))
-            else:
-                sentences.append(enc.encode_binned(entries, n_genes, seed, self.n_bins, self.include_zero_genes,
-                                                   colmap.tokens))
+        sentences, prefix, suffix = self._encode_sentences(cells, gene_ids, max_length=max_length,
+                                                           truncation=truncation, seed=seed, layer=layer,
+                                                           n_counts=n_counts, check_counts=check_counts,
+                                                           chunk_size=chunk_size)
         pad_to = None
         if padding == "max_length":
             pad_to = max_length
@@ -454,6 +436,81 @@ class GeneTokenizer(TokenizersBackend):
             data = {k: v.tolist() for k, v in data.items()}
             return BatchEncoding(data)
         return BatchEncoding(data, tensor_type=return_tensors)
+
+    def _encode_sentences(self, cells, gene_ids=None, *, max_length: int, truncation=True, seed=None, layer=None,
+                          n_counts=None, check_counts=None, chunk_size=None, flat=False):
+        """``(gene sentences per chunk, prefix ids, suffix ids)`` of ``cells`` (see :meth:`__call__`); with
+        ``flat``, per chunk the flat arrays of :func:`encodings.flatten_sentences` (specials included, int32 ids)."""
+        from ..data.anndata_io import CountSource, iter_count_chunks, open_count_source
+
+        prefix = [self._token_to_id[t] for t in self.prefix_tokens]
+        suffix = [self._token_to_id[t] for t in self.suffix_tokens]
+        n_genes = max_length - len(prefix) - len(suffix) if truncation else np.iinfo(np.int32).max
+        if n_genes < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for genes after {len(prefix) + len(suffix)} "
+                             "special tokens.")
+        seed = self.seed if seed is None else int(seed)
+        check = self.check_counts if check_counts is None else check_counts
+        medians = self._median_array() if self.encoding == "rank" else None
+
+        src = cells if isinstance(cells, CountSource) else open_count_source(cells, gene_ids, layer, n_counts)
+        colmap, report = self._column_map(src.var_names)
+        self._check_match(report)
+        rows_per_chunk = int(chunk_size or self.chunk_size)
+        if self.encoding == "binned" and self.include_zero_genes:
+            rows_per_chunk = max(1, min(rows_per_chunk, (1 << 23) // max(1, len(colmap.tokens))))
+        sentences = []
+        for counts, obs in iter_count_chunks(src, rows_per_chunk, check_counts=check):
+            lib = obs["n_counts"].to_numpy()
+            sampled = self.encoding == "continuous" or (self.encoding == "binned" and not self.include_zero_genes)
+            if flat and sampled:  # compiled, straight into the flat output (None: numba missing or disabled)
+                part = enc.encode_sampled_flat(counts, colmap, n_genes, seed,
+                                               self.n_bins if self.encoding == "binned" else None, n_counts=lib,
+                                               prefix=prefix, suffix=suffix, ids_dtype=np.int32)
+                if part is not None:
+                    sentences.append(part)
+                    continue
+            if self.encoding == "rank":  # straight from the CSR chunk; canonical path when columns must be summed
+                fast = enc.encode_rank_csr(counts, colmap, lib, medians, n_genes)
+            elif self.encoding == "binned" and not self.include_zero_genes:  # compiled path (numba), if available
+                fast = enc.encode_sampled_csr(counts, colmap, n_genes, seed, self.n_bins)
+            elif self.encoding == "continuous":
+                fast = enc.encode_sampled_csr(counts, colmap, n_genes, seed, None, n_counts=lib)
+            else:
+                fast = None
+            if fast is None:
+                entries = enc.gather_entries(counts, colmap, lib)
+                if self.encoding == "rank":
+                    fast = enc.encode_rank(entries, medians, n_genes)
+                elif self.encoding == "continuous":
+                    fast = enc.encode_continuous(entries, n_genes, seed)
+                else:
+                    fast = enc.encode_binned(entries, n_genes, seed, self.n_bins, self.include_zero_genes, colmap.tokens)
+            sentences.append(enc.flatten_sentences([fast], prefix, suffix, ids_dtype=np.int32) if flat else fast)
+        return sentences, prefix, suffix
+
+    def encode_flat(self, cells, gene_ids=None, *, max_length: int | None = None, truncation=True,
+                    seed: int | None = None, layer: str | None = None, n_counts=None,
+                    check_counts: bool | None = None, chunk_size: int | None = None) -> dict[str, np.ndarray]:
+        """Unpadded sentences as flat arrays: ``{"offsets": int64 [B+1], "input_ids": int32 [N],
+        "values": float32 [N], "length": int64 [B]}``, cell ``i`` being ``input_ids[offsets[i]:offsets[i+1]]``.
+
+        The same tokens and values as ``self(cells, ...)`` (arguments as there) without padding: what the
+        corpus builder writes as Arrow list columns, with no padded ``[B, L]`` array made and taken apart.
+        """
+        max_length = int(max_length or self.model_max_length)
+        parts, _, _ = self._encode_sentences(cells, gene_ids, max_length=max_length, truncation=truncation, seed=seed,
+                                             layer=layer, n_counts=n_counts, check_counts=check_counts,
+                                             chunk_size=chunk_size, flat=True)
+        if len(parts) == 1:
+            offsets, ids, values, lengths = parts[0]
+        else:
+            lengths = np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, np.int64)
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+            values = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
+        return {"offsets": offsets, "input_ids": ids, "values": values, "length": lengths}
 
     # ------------------------------------------------------------------ summaries
     def summary(self, cells, **call_kwargs) -> str:
