@@ -65,6 +65,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: tokenizer's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adversarial-batch-key", default=None, metavar="KEY",
+                        help="obs column of batches to remove from the cell embedding by adversarial training "
+                             "(gradient-reversal discriminator, SC-MAMBA2 4.4; training only)")
+    parser.add_argument("--adversarial-weight", type=float, default=1.0, metavar="W",
+                        help="weight of the adversarial batch loss (with --adversarial-batch-key)")
     return parser
 
 
@@ -203,7 +208,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     model_path, config_dict, family = resolve_checkpoint(args.model)
     tokenizer = GeneTokenizer.from_pretrained(str(model_path))
 
-    train_records = cell_records(anndata.read_h5ad(args.train), tokenizer, args.label_key, args.max_length, args.train)
+    train_adata = anndata.read_h5ad(args.train)
+    train_records = cell_records(train_adata, tokenizer, args.label_key, args.max_length, args.train)
     label_names = sorted({r[LABEL_COLUMN] for r in train_records})
     if len(label_names) < 2:
         raise ValueError(f"{args.train}: obs[{args.label_key!r}] has {len(label_names)} distinct label(s); need >= 2.")
@@ -240,7 +246,14 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
     )
     collator = DataCollatorForCellClassification(label_column=LABEL_COLUMN, label2id=label2id)
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_records, eval_dataset=eval_records,
+    trained = model  # the adversary (training only) wraps it; `model` is what gets saved
+    if getattr(args, "adversarial_batch_key", None):
+        from ..tasks.integration import with_adversarial_batch
+
+        trained, collator = with_adversarial_batch(model, collator, train_adata, train_records,
+                                                   args.adversarial_batch_key, weight=args.adversarial_weight,
+                                                   source=args.train)
+    trainer = Trainer(model=trained, args=training_args, train_dataset=train_records, eval_dataset=eval_records,
                       data_collator=collator, compute_metrics=compute_metrics)
     trainer.train()
     metrics = trainer.evaluate() if eval_records else {}
@@ -251,6 +264,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     if args.lora and args.merge:
         model = model.merge_and_unload()
     model.save_pretrained(out)
+    if args.max_length:  # the saved tokenizer's default length is the training one: annotate then reads cells alike
+        tokenizer.model_max_length = args.max_length
     tokenizer.save_pretrained(out)
     if not args.lora or args.merge:
         from .remote_code import export_remote_code
