@@ -7,13 +7,6 @@ import argparse
 import sys
 
 
-def _quickstart(args: argparse.Namespace) -> int:
-    from .quickstart import run_quickstart
-
-    run_quickstart(dataset=args.dataset, out_dir=args.out, max_length=args.max_length)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-scfm",
@@ -21,11 +14,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    q = sub.add_parser("quickstart", help="the main job on bundled real data (start here)")
-    q.add_argument("--dataset", default="baron_human", help="bundled dataset: baron_human, baron_mouse or pbmc68k")
-    q.add_argument("--out", default="quickstart_out", help="output folder")
-    q.add_argument("--max-length", type=int, default=2048, help="tokens per cell sentence")
-    q.set_defaults(func=_quickstart)
+    from .quickstart import add_quickstart_arguments, quickstart_command
+
+    q = sub.add_parser("quickstart", help="the main job on bundled real data (start here)",
+                       description="Corpus -> pretrain a tiny model -> fine-tune on one donor split -> annotate the "
+                       "held-out donor, next to a logistic-regression baseline; everything in --out.")
+    add_quickstart_arguments(q)
+    q.set_defaults(func=quickstart_command)
 
     from .data.corpus import add_tokenize_arguments, run_tokenize
 
@@ -40,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_pretrain_parser(sub)
     add_finetune_parser(sub)
     add_push_parser(sub)
+
+    from .tasks.annotation import add_annotate_parser
+    from .tasks.embedding import add_embed_parser
+    from .tasks.perturbation import add_perturb_parser
+
+    add_annotate_parser(sub)
+    add_embed_parser(sub)
+    add_perturb_parser(sub)
     return parser
 
 

@@ -1,0 +1,97 @@
+"""The main job (hf_scfm.quickstart): every stage once on a small budget, the split choices, the arguments.
+
+The full-size run (``hf-scfm quickstart``, ~3-5 min on 2 CPU cores) is CI's separate job; here 300 bundled cells,
+a few steps and 32 tokens per cell exercise the same code path end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_stream_shutdown_sleep(monkeypatch):
+    """``datasets`` sleeps 5 s when an abandoned parquet stream shuts down (see tests/test_pretrain.py)."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+
+def test_quickstart_small_budget_writes_everything(tmp_path, one_thread, capsys):
+    import anndata
+
+    from hf_scfm.quickstart import run_quickstart
+    from hf_scfm.tasks.annotation import PREDICTION_KEY, PROBABILITIES_KEY
+
+    out = tmp_path / "qs"
+    result = run_quickstart(out_dir=out, max_cells=300, pretrain_steps=3, finetune_steps=6, max_length=32,
+                            batch_size=8, progress=False)
+    printed = capsys.readouterr().out
+    assert result["model"] == "scmamba2" and result["dataset"] == "baron_human"
+    assert "held-out donor human4" in result["split"]
+
+    paths = result["paths"]
+    for key in ("annotated", "confusion_matrix", "loss_curve", "model_card", "classifier"):
+        assert paths[key] and (tmp_path / "qs").exists() and __import__("pathlib").Path(paths[key]).exists(), key
+        assert str(paths[key]) in printed  # "prints where everything is"
+    for png in (paths["confusion_matrix"], paths["loss_curve"]):
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    card = open(paths["model_card"]).read()
+    assert "scmamba2" in card.lower() and "annotat" in card.lower()
+
+    annotated = anndata.read_h5ad(paths["annotated"])
+    assert annotated.n_obs == result["n_query"] > 0 and set(annotated.obs["batch"]) == {"human4"}
+    assert annotated.obs[PREDICTION_KEY].notna().all()
+    np.testing.assert_allclose(annotated.obsm[PROBABILITIES_KEY].sum(1), 1.0, atol=1e-5)
+
+    m, lr = result["metrics"], result["baseline_metrics"]
+    for metrics in (m, lr):
+        assert all(0.0 <= metrics[k] <= 1.0 for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro"))
+        assert metrics["n_scored"] + metrics["n_excluded"] == result["n_query"]
+    assert lr["accuracy"] > 0.7  # the baseline on real cells: a sanity check of the split and the labels
+    assert "| logistic regression (log-normalised counts) |" in printed and "| scmamba2" in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["metrics"]["accuracy"] == pytest.approx(m["accuracy"])
+
+
+def test_splits_hold_out_a_donor_or_a_stratified_fraction():
+    from hf_scfm.data import load_example
+    from hf_scfm.quickstart import DEFAULT_DATASET, prepare_split
+    from hf_scfm.training.families import get_family
+
+    assert DEFAULT_DATASET[get_family("mouse_genemamba").species] == "baron_mouse"
+    mouse = load_example("baron_mouse")
+    train, test, text = prepare_split(mouse, "baron_mouse")
+    assert set(test.obs["batch"]) == {"mouse1"} and set(train.obs["batch"]) == {"mouse2"} and "mouse1" in text
+    assert set(test.obs["cell_type"]) <= set(train.obs["cell_type"])  # every query type is known to the model
+
+    pbmc = load_example("pbmc68k")
+    train, test, _ = prepare_split(pbmc, "pbmc68k", test_fraction=0.2)
+    assert train.n_obs + test.n_obs == pbmc.n_obs and not set(train.obs_names) & set(test.obs_names)
+    per_type = test.obs["cell_type"].value_counts() / pbmc.obs["cell_type"].value_counts()
+    assert np.allclose(per_type.to_numpy(), 0.2, atol=0.07)
+
+
+def test_quickstart_arguments():
+    from hf_scfm.quickstart import add_quickstart_arguments
+
+    parser = add_quickstart_arguments(argparse.ArgumentParser())
+    args = parser.parse_args([])
+    assert (args.model, args.out, args.dataset, args.max_length) == ("scmamba2", "quickstart_out", None, None)
+    args = parser.parse_args(["--model", "mouse_genemamba", "--out", "x", "--dataset", "pbmc68k"])
+    assert (args.model, args.out, args.dataset) == ("mouse_genemamba", "x", "pbmc68k")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "bert"])
