@@ -51,3 +51,5 @@ def test_readme_tour_runs(tmp_path, monkeypatch):
     assert (tmp_path / "my_tokenizer" / "tokenizer_config.json").exists()
     assert (tmp_path / "corpus" / "README.md").exists()
     assert namespace["out"].cell_embedding.shape == (8, 64)
+    assert namespace["pancreas"].obsm["X_scmamba2"].shape == (268, 64)
+    assert set(namespace["pert"].obs["condition"]) >= {"ctrl"} and "grn" in namespace["pert"].uns
