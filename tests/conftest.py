@@ -5,6 +5,18 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: on a shared 2-core machine two threads per process spin
+    against each other (several times slower). Restores the previous count afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def hub_server(tmp_path, monkeypatch):
     """A local Hub (``tests/hub_server.py``) with the real ``huggingface_hub``/``transformers`` clients pointed at it.

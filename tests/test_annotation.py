@@ -27,13 +27,7 @@ N_TRAIN, N_QUERY, MAX_LENGTH, N_GENES = 300, 120, 16, 100
 TYPES = ["type B pancreatic cell", "pancreatic A cell", "pancreatic ductal cell", "pancreatic acinar cell"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads per process spin against each other (5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

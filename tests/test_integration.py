@@ -213,15 +213,6 @@ def _batch_predictability(folder, h5ad):
     return probe, batch_asw(x, types, donors_)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight the other tests' processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_adversarial_training_removes_the_donor_from_the_embedding(donors, tmp_path, one_thread):
     from safetensors.torch import load_file
 
