@@ -194,15 +194,11 @@ def run_quickstart(model: str = "scmamba2", out_dir: str | Path = "quickstart_ou
     train.write_h5ad(train_h5ad)
     test.write_h5ad(query_h5ad)
     classifier = out / "classifier"
-    from transformers.utils import logging as hf_logging
+    from .training.finetune import quiet_load_report
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the load report (new head, dropped pretraining head) is expected here
-    try:
+    with quiet_load_report():  # the load report (new head, dropped pretraining head) is expected here
         finetune_classifier(work / "pretrained", train_h5ad, classifier, steps=finetune_steps,
                             batch_size=batch_size, seed=seed)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     print(f"[4/6] fine-tuned for annotation ({finetune_steps} steps, all weights) in {time.time() - t0:.0f} s")
 
     t0 = time.time()

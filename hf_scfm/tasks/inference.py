@@ -56,18 +56,15 @@ def load_model_and_tokenizer(model: str | Path, kind: str = "saved", device: str
             net = net.base_model
     else:
         from transformers import AutoConfig
-        from transformers.utils import logging as hf_logging
+
+        from ..training.finetune import quiet_load_report
 
         path, _, family = resolve_checkpoint(str(model))
         tokenizer = GeneTokenizer.from_pretrained(str(path))
         saved = (AutoConfig.from_pretrained(path).architectures or [family.model_class])[0]
         if kind == "base":
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # the heads a backbone drops are expected, not worth a report
-            try:
+            with quiet_load_report():  # the heads a backbone drops are expected
                 net = family.get(family.model_class).from_pretrained(path)
-            finally:
-                hf_logging.set_verbosity(verbosity)
         elif kind == "classifier":
             if saved != family.classification_class:
                 raise ValueError(f"{model} holds a {saved}, not a fine-tuned {family.classification_class}; "

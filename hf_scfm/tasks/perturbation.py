@@ -498,20 +498,15 @@ def build_perturbation_model(source, *, value_scale: float = 0.2):
     from ..training.families import family_of_config
 
     if isinstance(source, (str, Path)):
-        from ..training.finetune import resolve_checkpoint
-        from transformers.utils import logging as hf_logging
+        from ..training.finetune import quiet_load_report, resolve_checkpoint
 
         path, _, family = resolve_checkpoint(str(source))
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # new heads / dropped pretraining heads are expected here
-        try:
+        with quiet_load_report():  # new heads / dropped pretraining heads are expected here
             if family.name == "scmamba2":
                 model = family.get("ScMamba2ForPerturbationPrediction").from_pretrained(path, value_scale=value_scale)
                 _init_flag_rows(model.perturbation_embedding, 1.0)
                 return model
             backbone = family.get(family.model_class).from_pretrained(path)
-        finally:
-            hf_logging.set_verbosity(verbosity)
         return PerturbationModel(backbone, value_scale)
     family = family_of_config(source.config, source=type(source).__name__)
     backbone = source if type(source).__name__ == family.model_class else getattr(source, source.base_model_prefix)

@@ -36,6 +36,7 @@ import json
 import logging
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,21 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoint and data
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def quiet_load_report():
+    """Silence transformers' load report inside the block (restoring the verbosity after): loading a pretraining
+    checkpoint into another head (a backbone, a classifier, a perturbation model) drops or adds heads by design,
+    and the report of those expected MISSING/UNEXPECTED keys would only bury real problems."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def resolve_checkpoint(model: str) -> tuple[Path, dict, Any]:
