@@ -43,7 +43,8 @@ import time
 from pathlib import Path
 
 __all__ = ["run_quickstart", "add_quickstart_arguments", "quickstart_command", "DEFAULT_DATASET", "HELD_OUT_DONOR",
-           "prepare_split", "build_tokenizer", "pretrain_tiny", "finetune_classifier"]
+           "N_TOP_GENES", "FINETUNE_OPTIONS", "prepare_split", "build_tokenizer", "pretrain_tiny",
+           "finetune_classifier"]
 
 #: Default bundled dataset per species of a family.
 DEFAULT_DATASET = {"human": "baron_human", "mouse": "baron_mouse"}
@@ -51,6 +52,10 @@ DEFAULT_DATASET = {"human": "baron_human", "mouse": "baron_mouse"}
 HELD_OUT_DONOR = {"baron_human": "human4", "baron_mouse": "mouse1"}
 #: Tokens per cell by default (specials included).
 DEFAULT_MAX_LENGTH = 128
+#: Genes read per cell: the most variable genes of the training cells (see the module docstring).
+N_TOP_GENES = 1000
+#: ``hf-scfm finetune`` options per family (see the module docstring).
+FINETUNE_OPTIONS = {"scmamba2": ("--pooling", "mean")}
 LABEL_KEY = "cell_type"
 
 
@@ -75,10 +80,13 @@ def prepare_split(adata, dataset: str, *, test_fraction: float = 0.2, seed: int 
     return adata[~is_test].copy(), adata[is_test].copy(), description
 
 
-def build_tokenizer(adata, family, *, max_length: int, fit_on=None):
+def build_tokenizer(adata, family, *, max_length: int, fit_on=None, n_top_genes: int | None = None,
+                    batch_key: str | None = None):
     """A tokenizer of ``family``'s encoding over the genes of ``adata`` that map to the species' GENCODE IDs
     (uniquely: genes sharing an ID are dropped from the vocabulary list, their counts are still summed by the
-    tokenizer); rank medians are fitted on ``fit_on`` (default ``adata``)."""
+    tokenizer); rank medians are fitted on ``fit_on`` (default ``adata``); with ``n_top_genes`` it reads only
+    the most variable genes of ``fit_on`` (per ``batch_key`` batch if given, see
+    :meth:`~hf_scfm.tokenization.GeneTokenizer.select_highly_variable_genes`)."""
     from .tokenization import GeneTokenizer
 
     species = adata.uns.get("species", family.species)
@@ -91,6 +99,9 @@ def build_tokenizer(adata, family, *, max_length: int, fit_on=None):
                                            model_max_length=max_length)
     if family.encoding == "rank":
         tokenizer.fit_medians(fit_on if fit_on is not None else adata)
+    if n_top_genes:
+        tokenizer.select_highly_variable_genes(fit_on if fit_on is not None else adata, n_top_genes,
+                                               batch_key=batch_key)
     return tokenizer
 
 
@@ -115,13 +126,14 @@ def pretrain_tiny(family_name: str, train, tokenizer, work: Path, *, steps: int,
 
 def finetune_classifier(pretrained: Path, train_h5ad: Path, out: Path, *, steps: int, batch_size: int = 16,
                         learning_rate: float = 3e-3, lora: bool = False, seed: int = 0,
-                        max_length: int | None = None) -> dict:
-    """``hf-scfm finetune`` of ``pretrained`` on ``train_h5ad`` (full fine-tuning unless ``lora``)."""
+                        max_length: int | None = None, extra: list[str] | tuple[str, ...] = ()) -> dict:
+    """``hf-scfm finetune`` of ``pretrained`` on ``train_h5ad`` (full fine-tuning unless ``lora``); ``extra``:
+    more ``hf-scfm finetune`` arguments (e.g. :data:`FINETUNE_OPTIONS` of the family)."""
     from .training.finetune import add_finetune_arguments, finetune
 
     argv = ["--model", str(pretrained), "--train", str(train_h5ad), "--label-key", LABEL_KEY, "--out", str(out),
             "--max-steps", str(steps), "--batch-size", str(batch_size), "--learning-rate", str(learning_rate),
-            "--seed", str(seed), "--lora" if lora else "--no-lora"]
+            "--seed", str(seed), "--lora" if lora else "--no-lora", *extra]
     if lora:
         argv.append("--merge")
     if max_length is not None:
@@ -139,7 +151,8 @@ def _print_table(rows: list[tuple[str, dict]]) -> str:
 
 def run_quickstart(model: str = "scmamba2", out_dir: str | Path = "quickstart_out", dataset: str | None = None,
                    max_length: int | None = None, *, pretrain_steps: int = 150, finetune_steps: int = 300,
-                   batch_size: int = 16, max_cells: int | None = None, seed: int = 0, progress: bool = True) -> dict:
+                   batch_size: int = 16, max_cells: int | None = None, n_top_genes: int | None = N_TOP_GENES,
+                   seed: int = 0, progress: bool = True) -> dict:
     """Run the main job (see the module docstring); return a summary dict (paths, metrics, seconds).
 
     Args:
@@ -150,6 +163,7 @@ def run_quickstart(model: str = "scmamba2", out_dir: str | Path = "quickstart_ou
         pretrain_steps, finetune_steps, batch_size: the training budget (the defaults take ~3-5 min on 2 CPU
             cores).
         max_cells: use at most this many cells (a stratified-by-donor subsample; for tests and smoke runs).
+        n_top_genes: read only this many most variable genes of the training cells (None or 0: all genes).
         seed: seed of the split, subsample and training.
         progress: show progress bars.
     """
@@ -177,8 +191,11 @@ def run_quickstart(model: str = "scmamba2", out_dir: str | Path = "quickstart_ou
           f"{adata.obs[LABEL_KEY].nunique()} cell types; {split}: {train.n_obs:,} train / {test.n_obs:,} query cells")
 
     t0 = time.time()
-    tokenizer = build_tokenizer(adata, family, max_length=max_length, fit_on=train)
-    print(f"[2/6] tokenizer: {family.encoding} encoding, {len(tokenizer):,} tokens, max_length {max_length}")
+    tokenizer = build_tokenizer(adata, family, max_length=max_length, fit_on=train, n_top_genes=n_top_genes)
+    genes_read = f"reads the {len(tokenizer.gene_subset):,} most variable genes" if tokenizer.gene_subset else \
+        "reads all genes"
+    print(f"[2/6] tokenizer: {family.encoding} encoding, {len(tokenizer):,} tokens, {genes_read}, max_length "
+          f"{max_length}")
     summary = pretrain_tiny(model, train, tokenizer, work, steps=pretrain_steps, batch_size=batch_size,
                             max_length=max_length, seed=seed, progress=progress)
     loss_png = out / "pretrain_loss_curve.png"
@@ -198,7 +215,7 @@ def run_quickstart(model: str = "scmamba2", out_dir: str | Path = "quickstart_ou
 
     with quiet_load_report():  # the load report (new head, dropped pretraining head) is expected here
         finetune_classifier(work / "pretrained", train_h5ad, classifier, steps=finetune_steps,
-                            batch_size=batch_size, seed=seed)
+                            batch_size=batch_size, seed=seed, extra=FINETUNE_OPTIONS.get(model, ()))
     print(f"[4/6] fine-tuned for annotation ({finetune_steps} steps, all weights) in {time.time() - t0:.0f} s")
 
     t0 = time.time()
@@ -219,7 +236,8 @@ def run_quickstart(model: str = "scmamba2", out_dir: str | Path = "quickstart_ou
                           ("logistic regression (log-normalised counts)", baseline["metrics"])])
     result = {
         "model": model, "dataset": dataset, "split": split, "n_train": int(train.n_obs), "n_query": int(test.n_obs),
-        "max_length": max_length, "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps,
+        "max_length": max_length, "n_top_genes": len(tokenizer.gene_subset or []) or None,
+        "finetune_options": list(FINETUNE_OPTIONS.get(model, ())), "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps,
         "metrics": {k: v for k, v in metrics.items()},
         "baseline_metrics": {k: v for k, v in baseline["metrics"].items()},
         "paths": {"annotated": str(annotated_path), "confusion_matrix": str(confusion),
@@ -260,6 +278,9 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--dataset", default=None,
                         help="bundled dataset: baron_human, baron_mouse or pbmc68k (default: the family's species)")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per cell (default 128)")
+    parser.add_argument("--n-top-genes", type=int, default=N_TOP_GENES,
+                        help=f"genes read per cell: the N most variable of the training cells (0 = all; default "
+                             f"{N_TOP_GENES})")
     parser.add_argument("--pretrain-steps", type=int, default=150)
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -268,7 +289,8 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 
 def quickstart_command(args: argparse.Namespace) -> int:
     run_quickstart(model=args.model, out_dir=args.out, dataset=args.dataset, max_length=args.max_length,
-                   pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps, seed=args.seed)
+                   pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
+                   n_top_genes=args.n_top_genes, seed=args.seed)
     return 0
 
 

@@ -121,7 +121,7 @@ def test_bad_queries_fail_clearly(trained):
 
     renamed = query.copy()
     renamed.var_names = [f"Gene{i}" for i in range(renamed.n_vars)]
-    with pytest.raises(ValueError, match=r"Only 0 of the query's 100 genes \(0.0%\) match the model's human gene "
+    with pytest.raises(ValueError, match=r"Only 0 of 100 input genes \(0.0%\) match this tokenizer's human "
                                          r"vocabulary.*species.*Ensembl IDs"):
         annotate(model, renamed, progress=False)
 

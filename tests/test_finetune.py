@@ -98,6 +98,46 @@ def test_lora_changes_only_adapters_and_head_and_merge_is_exact(setup, tmp_path,
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_gene_selection_class_weights_and_pooling(setup, tmp_path):
+    """--n-top-genes: the classifier's tokenizer reads only the reference's N most variable genes, and annotate
+    reads a query the same way; --class-weight balanced: sklearn's weights in the loss; --pooling: set on the
+    config, and an error for a family without the option."""
+    import anndata
+    import numpy as np
+
+    from hf_scfm.tokenization import GeneTokenizer
+    from hf_scfm.training.finetune import WeightedClassificationLoss, balanced_class_weights
+
+    model_dir, h5ad = setup["mouse_genemamba"]
+    out = tmp_path / "clf"
+    finetune(ft_args(model_dir, h5ad, out, "--no-lora", "--n-top-genes", "40", "--class-weight", "balanced",
+                     "--pooling", "last"))
+    tok = GeneTokenizer.from_pretrained(str(out))
+    assert len(tok.gene_subset) == 40
+    expected = GeneTokenizer.from_pretrained(str(model_dir))
+    assert expected.select_highly_variable_genes(anndata.read_h5ad(h5ad), 40) == tok.gene_subset
+    query = anndata.read_h5ad(h5ad)
+    ids = np.asarray(tok(query, max_length=64, return_tensors="np")["input_ids"])
+    allowed = {tok.convert_tokens_to_ids(g) for g in tok.gene_subset} | {tok.pad_token_id, tok.bos_token_id,
+                                                                         tok.eos_token_id}
+    assert set(np.unique(ids)) <= allowed
+    assert json.loads((out / "config.json").read_text())["pooling"] == "last"
+    card = (out / "README.md").read_text()
+    assert "balanced" in card and "40" in card
+
+    labels = ["a", "a", "a", "b"]
+    weights = balanced_class_weights(labels, {"a": 0, "b": 1})
+    torch.testing.assert_close(weights, torch.tensor([4 / 6, 4 / 2]))
+    logits, target = torch.randn(4, 2), torch.tensor([0, 0, 0, 1])
+    expected_loss = -(weights[target] * torch.log_softmax(logits, -1)[torch.arange(4), target]).sum() / weights[target].sum()
+    loss = WeightedClassificationLoss(weights)({"logits": logits}, target)
+    torch.testing.assert_close(loss, expected_loss)
+
+    cellfm_dir, cellfm_h5ad = setup["cellfm"]
+    with pytest.raises(ValueError, match="--pooling mean: cellfm has no pooling option"):
+        finetune(ft_args(cellfm_dir, cellfm_h5ad, tmp_path / "o", "--pooling", "mean"))
+
+
 def test_bad_checkpoints_fail_clearly(setup, tmp_path, capsys):
     from transformers import BertConfig, BertModel
 

@@ -56,6 +56,13 @@ def test_quickstart_small_budget_writes_everything(tmp_path, one_thread, capsys)
     assert "| logistic regression (log-normalised counts) |" in printed and "| scmamba2" in printed
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"]["accuracy"] == pytest.approx(m["accuracy"])
+    # the classifier reads the training cells' most variable genes, and SC-MAMBA2 pools by the mean
+    from hf_scfm.quickstart import N_TOP_GENES
+    from hf_scfm.tokenization import GeneTokenizer
+
+    assert len(GeneTokenizer.from_pretrained(paths["classifier"]).gene_subset) == saved["n_top_genes"] == N_TOP_GENES
+    assert json.loads((out / "classifier" / "config.json").read_text())["pooling"] == "mean"
+    assert f"reads the {N_TOP_GENES:,} most variable genes" in printed
 
 
 def test_splits_hold_out_a_donor_or_a_stratified_fraction():

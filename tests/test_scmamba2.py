@@ -145,6 +145,28 @@ def test_padding_invariance_of_every_real_position():
             assert torch.all(out.last_hidden_state[r, n:] == 0) and torch.all(out.predictions[r, n:] == 0)
 
 
+def test_mean_pooling_is_the_masked_mean_and_padding_invariant():
+    """``pooling="mean"``: the cell embedding is the float64 mean of the real positions' last hidden states (odd
+    lengths, padding, batch of 3), equal for a row padded in a batch and alone; ``"cls"`` stays position 0."""
+    lengths = (37, 20, 9)
+    batch, _ = make_batch(lengths)
+    mean_model = ScMamba2Model(tiny(pooling="mean")).double().eval()
+    cls_model = ScMamba2Model(tiny()).double().eval()
+    cls_model.load_state_dict(mean_model.state_dict())
+    batch = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
+    with torch.no_grad():
+        out = mean_model(**batch)
+        assert torch.equal(cls_model(**batch).cell_embedding, out.last_hidden_state[:, 0])
+        for r, n in enumerate(lengths):
+            expected = out.last_hidden_state[r, :n].sum(0) / n
+            torch.testing.assert_close(out.cell_embedding[r], expected, rtol=1e-12, atol=1e-12)
+            alone = mean_model(**row(batch, r, n)).cell_embedding[0]
+            torch.testing.assert_close(alone, expected, rtol=1e-9, atol=1e-9)
+            assert not torch.allclose(expected, out.last_hidden_state[r, 0])
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        tiny(pooling="max")
+
+
 def test_bidirectionality_later_gene_changes_earlier_output():
     """Swap the gene of the last token: every earlier position's output moves (float64, so even the
     small long-range effect of a freshly initialised SSM stands far above rounding); a forward-only

@@ -370,3 +370,72 @@ def test_summary_for_the_command_line(tokenizers, cells):
     assert "unknown: 1,741" in text and "ambiguous symbol: 228" in text
     n = cells["baron_human"].n_obs
     assert f"{n:,} cells -> input_ids ({n}, 256)" in text and "max 255" in text
+
+
+# ----------------------------------------------------------------------------- gene subsets
+@pytest.mark.parametrize("encoding", ["rank", "binned", "continuous"])
+def test_gene_subset_reads_only_those_genes(cells, encoding, tmp_path):
+    """A subset tokenizer on all genes == the full tokenizer on the subset's columns (library sizes of all genes),
+    for every encoding, with truncation active; the subset survives save/load; None reads all genes again."""
+    adata = cells["baron_human"]
+    tok = GeneTokenizer.from_species("human", encoding=encoding, model_max_length=40)
+    tok.fit_medians(adata) if encoding == "rank" else None
+    unmatched = tok.mapping_report(adata).unmatched
+    mapped = [g for g in adata.var_names if g not in unmatched]
+    chosen = mapped[::7]  # ~2,600 symbols: many cells still have more than 40 of them expressed
+    tok.select_genes(chosen)
+    assert tok.gene_subset == sorted(set(tok.gene_subset)) and len(tok.gene_subset) <= len(chosen)
+    lib = np.asarray(adata.X.sum(1)).ravel()
+    got = tok(adata, return_tensors="np")
+    full = GeneTokenizer.from_species("human", encoding=encoding, model_max_length=40)
+    if encoding == "rank":
+        full.set_medians(tok.gene_medians)
+    expected = full(adata[:, chosen].copy(), n_counts=lib, return_tensors="np")
+    for key in ("input_ids", "values", "attention_mask"):
+        np.testing.assert_array_equal(got[key], expected[key])
+    assert (got["attention_mask"].sum(1) == 40).any()  # some cells were cut: sampling/ranking over the subset
+
+    report = tok.mapping_report(adata)
+    assert report.n_tokens == len(tok.gene_subset) and report.reason_counts()["not selected"] > 1000
+    tok.save_pretrained(tmp_path)
+    loaded = GeneTokenizer.from_pretrained(str(tmp_path))
+    assert loaded.gene_subset == tok.gene_subset
+    np.testing.assert_array_equal(loaded(adata, return_tensors="np")["input_ids"], got["input_ids"])
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["gene_subset"] == tok.gene_subset
+    tok.select_genes(None)
+    assert tok.gene_subset is None and tok.mapping_report(adata).n_tokens > 10_000
+
+
+def test_gene_subset_errors_name_the_problem(cells):
+    adata = cells["baron_human"]
+    tok = GeneTokenizer.from_species("human", encoding="binned")
+    with pytest.raises(ValueError, match="not genes of this tokenizer's vocabulary: NOPE"):
+        tok.select_genes(["INS", "NOPE"])
+    with pytest.raises(ValueError, match="empty"):
+        tok.select_genes([])
+    tok.select_genes(["INS", "GCG", "SST", "PPY"])
+    tok(adata[:, ["INS", "GCG", "SST", "A1BG"]].copy())  # 3 of the 4 selected genes: enough
+    with pytest.raises(ValueError, match=r"Only 1 of this tokenizer's 4 selected genes .*must measure the genes"):
+        tok(adata[:, ["INS", "A1BG", "A2M"]].copy())
+
+
+def test_highly_variable_gene_selection_matches_scanpy(cells):
+    """select_highly_variable_genes == scanpy's seurat-flavour HVGs of log1p(CP10k) over the mapped genes."""
+    import scanpy as sc
+
+    adata = hf_scfm.load_example("pbmc68k")
+    tok = GeneTokenizer.from_species("human", encoding="binned")
+    chosen = tok.select_highly_variable_genes(adata, n_top_genes=100)
+    assert len(chosen) == 100 and tok.gene_subset == chosen
+
+    unmatched = tok.mapping_report(adata).unmatched
+    ref = adata.copy()
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    ref = ref[:, [g for g in ref.var_names if g not in unmatched]].copy()
+    sc.pp.highly_variable_genes(ref, n_top_genes=100, flavor="seurat")
+    expected = GeneTokenizer.from_species("human", encoding="binned")
+    expected.select_genes(list(ref.var_names[ref.var["highly_variable"]]))
+    assert chosen == expected.gene_subset
+    with pytest.raises(ValueError, match="batch_key 'donor' is not an obs column"):
+        tok.select_highly_variable_genes(adata, 100, batch_key="donor")

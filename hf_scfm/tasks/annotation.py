@@ -21,9 +21,10 @@ Choices, and why:
   the warning, the returned metrics (``unseen_labels``: label -> cells, ``n_excluded``) and the confusion plot's
   title all say so. Only when *no* query cell has a known label is it an error. Missing (NaN) labels are
   excluded the same way.
-* **Gene-vocabulary mismatch is checked before any model call** with the tokenizer's own mapping report and its
-  own thresholds (``min_match_rate``, ``min_genes``), so the error names the species of the model and the
-  usual fixes (gene symbols vs Ensembl IDs, other species) instead of failing inside a batch.
+* **Gene-vocabulary mismatch is checked before any model call** with the tokenizer's own check
+  (:meth:`~hf_scfm.tokenization.GeneTokenizer.check_genes`: its thresholds, and its gene subset when the model
+  was fine-tuned on selected genes), so the error names the species of the model and the usual fixes (gene
+  symbols vs Ensembl IDs, other species) instead of failing inside a batch.
 * **Non-count input** (log-normalised, scaled, negative, NaN, empty cells) is refused by the tokenizer with
   the message of :func:`hf_scfm.data.anndata_io.validate_counts`; nothing is re-implemented here.
 * The input AnnData is not modified: a copy carries the annotations (the expression matrix is shared data
@@ -99,20 +100,6 @@ def score_predictions(predictions: Sequence, labels: Sequence, known_classes: Se
     return metrics
 
 
-def _check_genes(tokenizer, adata) -> Any:
-    """The tokenizer's mapping report of the query; ``ValueError`` when too few genes match its vocabulary."""
-    report = tokenizer.mapping_report(adata)
-    if report.n_tokens > 0 and report.n_tokens >= tokenizer.min_genes and report.match_rate >= tokenizer.min_match_rate:
-        return report
-    raise ValueError(
-        f"Only {report.n_matched:,} of the query's {report.n_input:,} genes ({report.match_rate:.1%}) match the "
-        f"model's {tokenizer.species or 'custom'} gene vocabulary (needs >= {tokenizer.min_match_rate:.0%}); "
-        f"unmatched e.g. {', '.join(report.examples(n=5))}. Is the query {tokenizer.species or 'of the model'}'s "
-        "species? var_names must be gene symbols or Ensembl IDs of that species (if the IDs are in a var column, "
-        "set adata.var_names = adata.var['gene_ids']); for another species use a model trained on it."
-    )
-
-
 def annotate(model, query, *, label_key: str | None = None, batch_size: int = 64, max_length: int | None = None,
              out_png: str | Path | None = None, device: str | None = None, progress: bool = True):
     """Annotate the cells of ``query`` with a fine-tuned classifier; return an annotated copy.
@@ -144,7 +131,7 @@ def annotate(model, query, *, label_key: str | None = None, batch_size: int = 64
         net, tokenizer = load_model_and_tokenizer(model, kind="classifier", device=device)
     id2label = {int(k): str(v) for k, v in net.config.id2label.items()}
     classes = [id2label[i] for i in range(len(id2label))]
-    _check_genes(tokenizer, adata)
+    tokenizer.check_genes(adata)
 
     chunks = []
     for _, _, outputs in iter_model_outputs(net, tokenizer, adata, batch_size=batch_size, max_length=max_length,

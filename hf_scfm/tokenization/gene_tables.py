@@ -47,7 +47,7 @@ SPECIES_ALIASES = {
 }
 #: An Ensembl gene ID, optionally versioned (``ENSG00000141510.18``) or with a ``_PAR_Y`` suffix.
 _ENSEMBL_RE = re.compile(r"^(ENS[A-Z]*G\d{6,})(\.\d+)?(_PAR_Y)?$", re.IGNORECASE)
-UNMATCHED_REASONS = ("unknown", "ambiguous symbol", "not in vocabulary", "duplicate")
+UNMATCHED_REASONS = ("unknown", "ambiguous symbol", "not in vocabulary", "not selected", "duplicate")
 
 
 def normalize_species(species: str) -> str:
@@ -122,7 +122,8 @@ class MappingReport:
         n_input: number of input genes (columns).
         n_matched: input genes that map to a vocabulary token (duplicates included: they are summed).
         n_tokens: distinct tokens the input maps to (``n_matched`` minus duplicates).
-        unmatched: input gene -> reason (``"unknown"``, ``"ambiguous symbol"``, ``"not in vocabulary"``).
+        unmatched: input gene -> reason (``"unknown"``, ``"ambiguous symbol"``, ``"not in vocabulary"``,
+            ``"not selected"``: in the vocabulary but outside the tokenizer's ``gene_subset``).
         duplicates: input gene -> the token it shares with an earlier input gene (summed into it).
         ambiguous_candidates: ambiguous symbol -> the Ensembl IDs it could mean.
         resolved_ambiguous: ambiguous symbol -> the protein-coding ID it was mapped to.
@@ -211,11 +212,13 @@ def _canonical_id(name: str, table: GeneTable | None, ambiguous: str, candidates
     return None, "ambiguous symbol"
 
 
-def map_genes(names, vocab: dict[str, int], table: GeneTable | None, ambiguous: str = "protein_coding"):
+def map_genes(names, vocab: dict[str, int], table: GeneTable | None, ambiguous: str = "protein_coding",
+              selected: frozenset | None = None):
     """Map input gene names to token ids of ``vocab``.
 
     Returns ``(token_ids, report)``: ``token_ids`` is an int64 array with the token id of every input gene
-    or ``-1`` when it does not match (duplicates keep their token id: callers sum them).
+    or ``-1`` when it does not match (duplicates keep their token id: callers sum them). With ``selected``
+    (a set of token ids), vocabulary genes outside it do not match either (reason ``"not selected"``).
     """
     names = [str(n) for n in names]
     ids, reasons, candidates, resolved = canonical_gene_ids(names, table, ambiguous)
@@ -230,6 +233,9 @@ def map_genes(names, vocab: dict[str, int], table: GeneTable | None, ambiguous: 
         tid = vocab.get(gid)
         if tid is None:
             unmatched[name] = "not in vocabulary"
+            continue
+        if selected is not None and tid not in selected:
+            unmatched[name] = "not selected"
             continue
         token_ids[i] = tid
         if tid in first_of:

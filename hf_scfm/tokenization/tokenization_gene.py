@@ -23,6 +23,12 @@ Choices, written down:
 * **Cells with no counts** are an error (see :mod:`hf_scfm.data.anndata_io`).
 * **Too few matching genes**: an error when under ``min_match_rate`` (default 0.5) of the input genes
   match or when fewer than ``min_genes`` (default 1) do.
+* **A gene subset** (:meth:`GeneTokenizer.select_genes`, e.g. the highly variable genes of a reference via
+  :meth:`GeneTokenizer.select_highly_variable_genes`) restricts which vocabulary genes are read, without
+  changing the vocabulary (token ids, hence the model's embedding table, stay the same). It is saved in
+  ``tokenizer_config.json``, so a fine-tuned model reads a query through the same genes it was trained on.
+  With a subset, the match check asks for ``min_match_rate`` of the *selected* genes in the input (a query
+  carries all its genes, most of them outside the subset).
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ class GeneTokenizer(TokenizersBackend):
         ambiguous: ``"protein_coding"`` or ``"drop"``, see :mod:`hf_scfm.tokenization.gene_tables`.
         check_counts: require integer counts (default True); False accepts normalised non-log values.
         chunk_size: cells per processing chunk (bounds memory, does not change results).
+        gene_subset: only these vocabulary genes (Ensembl IDs) are read from the input; None reads all.
+            See :meth:`select_genes`.
     """
 
     vocab_files_names = {"tokenizer_file": "tokenizer.json", "medians_file": MEDIANS_FILE}
@@ -100,6 +108,7 @@ class GeneTokenizer(TokenizersBackend):
         ambiguous: str = "protein_coding",
         check_counts: bool = True,
         chunk_size: int = 2048,
+        gene_subset: list[str] | None = None,
         **kwargs,
     ):
         from tokenizers import Tokenizer, models, pre_tokenizers
@@ -148,6 +157,7 @@ class GeneTokenizer(TokenizersBackend):
         self.medians_fitted = False
         self._medians_info: dict = {}
         self._column_cache: OrderedDict = OrderedDict()
+        self.gene_subset, self._selected = self._checked_subset(gene_subset)
         if medians_file is not None and os.path.isfile(medians_file):
             self._load_medians(medians_file)
 
@@ -172,6 +182,7 @@ class GeneTokenizer(TokenizersBackend):
             ambiguous=ambiguous,
             check_counts=self.check_counts,
             chunk_size=self.chunk_size,
+            gene_subset=self.gene_subset,
             **kwargs,
         )
 
@@ -254,6 +265,84 @@ class GeneTokenizer(TokenizersBackend):
 
     def __len__(self) -> int:
         return len(self._tokens)
+
+    def _checked_subset(self, genes):
+        """``(sorted unique Ensembl IDs, frozenset of their token ids)`` of a gene subset (``(None, None)`` for
+        None); symbols are mapped with the species table; genes outside the vocabulary raise."""
+        if genes is None:
+            return None, None
+        genes = [str(g) for g in genes]
+        table = load_gene_table(self.species) if self.species is not None else None
+        ids, reasons, _, _ = canonical_gene_ids(genes, table, self.ambiguous)
+        bad = [f"{g} ({r if i is None else 'not in vocabulary'})" for g, i, r in zip(genes, ids, reasons)
+               if i is None or i not in self._token_to_id]
+        if bad:
+            raise ValueError(f"{len(bad)} of the {len(genes)} selected genes are not genes of this tokenizer's "
+                             f"vocabulary: {', '.join(bad[:5])}. Select among tokenizer.genes.")
+        ids = sorted(set(ids))
+        if not ids:
+            raise ValueError("The gene subset is empty; pass at least one gene, or None to read all genes.")
+        return ids, frozenset(self._token_to_id[i] for i in ids)
+
+    def select_genes(self, genes) -> None:
+        """Read only ``genes`` (Ensembl IDs or symbols of the vocabulary) from now on; None reads all again.
+
+        The vocabulary and the token ids do not change, so a model keeps its embedding table; the subset
+        is saved by ``save_pretrained`` (``tokenizer_config.json``) and applies to every later call, the
+        corpus builder and fine-tuning included.
+        """
+        self.gene_subset, self._selected = self._checked_subset(genes)
+        self.init_kwargs["gene_subset"] = self.gene_subset
+        self._column_cache.clear()
+        self._last_column_map = None
+
+    def select_highly_variable_genes(self, data, n_top_genes: int, batch_key: str | None = None,
+                                     layer: str | None = None) -> list[str]:
+        """Select the ``n_top_genes`` most variable genes of ``data`` (raw counts) among those that map to the
+        vocabulary, and return their Ensembl IDs (see :meth:`select_genes`).
+
+        Variability is scanpy's ``highly_variable_genes(flavor="seurat")`` (normalised dispersion) of
+        ``log1p(counts / n_counts * 1e4)``, per batch and combined with ``batch_key``: what scGPT and
+        SC-MAMBA2 do before fine-tuning on a reference. ``data``: an AnnData or an ``.h5ad`` path, read in
+        chunks into one sparse matrix of the mapped genes (the counts are checked as for encoding).
+        """
+        try:
+            import anndata
+            import scanpy as sc
+        except ImportError as err:
+            raise ImportError("select_highly_variable_genes needs scanpy: pip install -e \".[plots]\"") from err
+        import scipy.sparse as sp
+
+        from ..data.anndata_io import iter_count_chunks, open_count_source
+
+        if n_top_genes < 1:
+            raise ValueError(f"n_top_genes must be >= 1, got {n_top_genes}.")
+        self.select_genes(None)
+        src = open_count_source(data, layer=layer)
+        colmap, report = self._column_map(src.var_names)
+        self._check_match(report)
+        columns = np.flatnonzero(colmap.matched)
+        blocks, obs = [], []
+        for counts, chunk_obs in iter_count_chunks(src, self.chunk_size, check_counts=self.check_counts):
+            lib = chunk_obs["n_counts"].to_numpy(np.float64)
+            x = sp.diags(1e4 / lib) @ sp.csr_matrix(counts[:, columns], dtype=np.float64)
+            x.data = np.log1p(x.data)
+            blocks.append(x.astype(np.float32).tocsr())
+            obs.append(chunk_obs)
+        import pandas as pd
+
+        obs = pd.concat(obs)
+        if batch_key is not None and batch_key not in obs.columns:
+            raise ValueError(f"batch_key {batch_key!r} is not an obs column (columns: {list(obs.columns)}).")
+        names = [str(src.var_names[c]) for c in columns]
+        adata = anndata.AnnData(sp.vstack(blocks).tocsr(), obs=obs.reset_index(drop=True).set_axis(
+            [str(i) for i in range(len(obs))]), var=pd.DataFrame(index=pd.Index(names).astype(str)))
+        adata.var_names_make_unique()
+        n_top = min(int(n_top_genes), adata.n_vars)
+        sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat", batch_key=batch_key)
+        chosen = [names[i] for i in np.flatnonzero(adata.var["highly_variable"].to_numpy())]
+        self.select_genes(chosen)
+        return list(self.gene_subset)
 
     # ------------------------------------------------------------------ medians
     @property
@@ -342,7 +431,7 @@ class GeneTokenizer(TokenizersBackend):
             self._remember_names(var_names, cached)
             return cached
         table = load_gene_table(self.species) if self.species is not None else None
-        token_ids, report = map_genes(key, self._token_to_id, table, self.ambiguous)
+        token_ids, report = map_genes(key, self._token_to_id, table, self.ambiguous, self._selected)
         if report.duplicates:
             ex = ", ".join(f"{g}->{t}" for g, t in list(report.duplicates.items())[:3])
             warnings.warn(f"{len(report.duplicates)} input genes map to a token another input gene already maps to "
@@ -371,16 +460,36 @@ class GeneTokenizer(TokenizersBackend):
             names = open_count_source(data).var_names
         return self._column_map(names)[1]
 
+    def check_genes(self, data, gene_ids=None):
+        """The :class:`MappingReport` of ``data``'s genes; ``ValueError`` naming the problem and the fix when too
+        few of them match (the check every encoding call makes, available before any work is done)."""
+        report = self.mapping_report(data, gene_ids)
+        self._check_match(report)
+        return report
+
     def _check_match(self, report) -> None:
+        if self.gene_subset is not None:
+            found = report.n_tokens / len(self.gene_subset)
+            if report.n_tokens >= self.min_genes and found >= self.min_match_rate and report.n_tokens > 0:
+                return
+            examples = ", ".join(self.gene_subset[:5])
+            raise ValueError(
+                f"Only {report.n_tokens:,} of this tokenizer's {len(self.gene_subset):,} selected genes "
+                f"({found:.1%}) are in the input's {report.n_input:,} genes (needs >= {self.min_match_rate:.0%}). "
+                f"Selected e.g.: {examples}. Check the species and that var_names hold gene symbols or Ensembl IDs "
+                "(adata.var_names = adata.var['gene_ids']); the query must measure the genes the model was "
+                "trained on."
+            )
         if report.n_tokens >= self.min_genes and report.match_rate >= self.min_match_rate and report.n_tokens > 0:
             return
         examples = ", ".join(report.examples(n=5))
         raise ValueError(
             f"Only {report.n_matched:,} of {report.n_input:,} input genes ({report.match_rate:.1%}) match this "
             f"tokenizer's {self.species or 'custom'} vocabulary (needs >= {self.min_match_rate:.0%} and >= "
-            f"{self.min_genes} genes). Unmatched e.g.: {examples}. Check the species, and that var_names hold gene "
-            "symbols or Ensembl IDs (use layer/var columns: adata.var_names = adata.var['gene_ids']); "
-            "lower the threshold with min_match_rate=... if intended."
+            f"{self.min_genes} genes). Unmatched e.g.: {examples}. Check the species (for another species use a "
+            "model and tokenizer of it), and that var_names hold gene symbols or Ensembl IDs (if the IDs are in a "
+            "var column: adata.var_names = adata.var['gene_ids']); lower the threshold with min_match_rate=... if "
+            "intended."
         )
 
     # ------------------------------------------------------------------ encoding cells

@@ -25,6 +25,11 @@ Choices, and why:
   sklearn.
 * **Eval cells with labels unseen in training** cannot be scored by a classifier over the training labels: they
   are dropped, with a warning giving their count.
+* **Gene selection** (``--n-top-genes N``): the tokenizer reads only the N most variable genes of the reference
+  (:meth:`hf_scfm.tokenization.GeneTokenizer.select_highly_variable_genes`), as scGPT and SC-MAMBA2 fine-tune
+  on highly variable genes. With sentences shorter than a cell's expressed genes (the binned and continuous
+  encodings then sample genes at random), this decides whether the marker genes are read at all. The subset
+  is saved with the classifier's tokenizer, so ``hf-scfm annotate`` reads queries through the same genes.
 * **Checkpoints are checked first.** A missing, partial or corrupt checkpoint, or one that is not an hf-scfm
   family, fails before any training with an error naming the file and the fix.
 """
@@ -65,6 +70,18 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: tokenizer's)")
+    parser.add_argument("--n-top-genes", type=int, default=None, metavar="N",
+                        help="read only the N most variable genes of --train (scanpy 'seurat' dispersion, per "
+                             "--hvg-batch-key batch if given); saved with the tokenizer, so annotate reads queries "
+                             "the same way (default: the checkpoint tokenizer's genes)")
+    parser.add_argument("--hvg-batch-key", default=None, metavar="KEY",
+                        help="obs column of batches for --n-top-genes (genes variable within batches)")
+    parser.add_argument("--class-weight", default="none", choices=("none", "balanced"),
+                        help="balanced: weight the cross-entropy of class c by n / (K * n_c) (sklearn's "
+                             "'balanced'), so rare cell types count as much as common ones (macro-F1)")
+    parser.add_argument("--pooling", default=None, metavar="HOW",
+                        help="how the classifier reads the cell embedding, for families with a config.pooling "
+                             "(SC-MAMBA2: cls | mean; Mouse-GeneMamba: mean | last); default: the checkpoint's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adversarial-batch-key", default=None, metavar="KEY",
                         help="obs column of batches to remove from the cell embedding by adversarial training "
@@ -171,6 +188,32 @@ def compute_metrics(eval_pred) -> dict[str, float]:
     return classification_metrics(np.asarray(logits).argmax(-1), eval_pred.label_ids)
 
 
+def balanced_class_weights(labels, label2id: dict[str, int]):
+    """float32 tensor ``[K]``: ``n / (K * n_c)`` per class id (sklearn's ``class_weight="balanced"``)."""
+    import numpy as np
+    import torch
+
+    counts = np.bincount([label2id[label] for label in labels], minlength=len(label2id)).astype(np.float64)
+    return torch.tensor(counts.sum() / (len(label2id) * np.maximum(counts, 1.0)), dtype=torch.float32)
+
+
+class WeightedClassificationLoss:
+    """``Trainer(compute_loss_func=...)``: class-weighted cross-entropy of ``outputs.logits``. The Trainer takes the
+    labels out of the batch first, so the model's own loss is None, unless a wrapper adds a term of its own (the
+    adversarial batch loss), which is kept."""
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        import torch.nn.functional as F
+
+        logits = outputs["logits"].float()
+        loss = F.cross_entropy(logits, labels.to(logits.device).view(-1), weight=self.weights.to(logits.device))
+        extra = outputs.get("loss") if hasattr(outputs, "get") else None
+        return loss if extra is None else loss + extra
+
+
 def lora_config(model, family, r: int = 8, alpha: int = 16, dropout: float = 0.0):
     """The ``peft.LoraConfig`` used by ``finetune``: default backbone targets, the head trained in full."""
     from peft import LoraConfig
@@ -225,6 +268,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = GeneTokenizer.from_pretrained(str(model_path))
 
     train_adata = anndata.read_h5ad(args.train)
+    if getattr(args, "n_top_genes", None):
+        tokenizer.select_highly_variable_genes(train_adata, args.n_top_genes, batch_key=args.hvg_batch_key)
     train_records = cell_records(train_adata, tokenizer, args.label_key, args.max_length, args.train)
     label_names = sorted({r[LABEL_COLUMN] for r in train_records})
     if len(label_names) < 2:
@@ -240,10 +285,16 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
                           f"({sorted({r[LABEL_COLUMN] for r in unseen})}); they are not scored.", stacklevel=2)
             eval_records = [r for r in eval_records if r[LABEL_COLUMN] in label2id]
 
+    overrides = {}
+    if getattr(args, "pooling", None):
+        if not hasattr(family.config_cls(), "pooling"):
+            raise ValueError(f"--pooling {args.pooling}: {family.name} has no pooling option (its cell embedding is "
+                             "fixed by the architecture); drop --pooling.")
+        overrides["pooling"] = args.pooling
     set_seed(args.seed)
     model = family.classification_cls.from_pretrained(
         model_path, num_labels=len(label_names), id2label=id2label, label2id=label2id,
-        ignore_mismatched_sizes=True,
+        ignore_mismatched_sizes=True, **overrides,
     )
     check_tokenizer_matches(model.config, tokenizer)
     if args.lora:
@@ -269,8 +320,12 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         trained, collator = with_adversarial_batch(model, collator, train_adata, train_records,
                                                    args.adversarial_batch_key, weight=args.adversarial_weight,
                                                    source=args.train)
+    loss_func = None
+    if getattr(args, "class_weight", "none") == "balanced":
+        loss_func = WeightedClassificationLoss(balanced_class_weights([r[LABEL_COLUMN] for r in train_records],
+                                                                      label2id))
     trainer = Trainer(model=trained, args=training_args, train_dataset=train_records, eval_dataset=eval_records,
-                      data_collator=collator, compute_metrics=compute_metrics)
+                      data_collator=collator, compute_metrics=compute_metrics, compute_loss_func=loss_func)
     trainer.train()
     metrics = trainer.evaluate() if eval_records else {}
 
@@ -305,7 +360,9 @@ def _write_card(out: Path, config, tokenizer, args, label_names, metrics) -> Non
         "training_data": {"reference": str(args.train), "label_key": args.label_key, "cells_labels": len(label_names)},
         "hyperparameters": {"lora": args.lora, "merged": args.merge, "lora_r": args.lora_r,
                             "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-                            "max_steps": args.max_steps, "epochs": args.epochs, "seed": args.seed},
+                            "max_steps": args.max_steps, "epochs": args.epochs, "seed": args.seed,
+                            "class_weight": getattr(args, "class_weight", "none"),
+                            "genes_read": len(tokenizer.gene_subset) if tokenizer.gene_subset else "all"},
         "eval_results": results or None,
     }
     render_model_card(config, tokenizer=tokenizer, **kwargs).save(out / "README.md")

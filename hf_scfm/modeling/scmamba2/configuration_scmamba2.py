@@ -25,6 +25,7 @@ PAPER_NUM_GENES = 60_530
 PAPER_VOCAB_SIZE = PAPER_NUM_GENES + len(SPECIAL_TOKENS)
 
 _BACKENDS = ("auto", "torch", "cuda")
+_POOLINGS = ("cls", "mean")
 _ACTIVATIONS = ("relu", "gelu", "silu", "tanh")
 
 
@@ -91,6 +92,11 @@ class ScMamba2Config(PresetMixin, PreTrainedConfig):
             swaps in its learned mask embedding there instead of encoding the value.
         expression_activation: activation inside the expression encoder and the regression heads.
         classifier_dropout: dropout inside the sequence-classification head.
+        pooling: how the cell embedding is read from the last hidden states: ``"cls"`` (the paper's: the
+            ``<cls>`` position) or ``"mean"`` over real tokens (``attention_mask == 1``, ``<cls>`` included).
+            Masked-expression pretraining never reads ``<cls>``, so after it the ``<cls>`` state carries little
+            cell identity; ``"mean"`` fine-tunes to better annotation from such a checkpoint (README,
+            Performance).
         ssm_backend: ``"auto"`` | ``"torch"`` | ``"cuda"``, passed as ``backend=`` to ``ops.ssd_scan`` and
             ``ops.causal_conv1d``.
         vocab_checksum: checksum of the tokenizer vocabulary the model was built for
@@ -168,6 +174,7 @@ class ScMamba2Config(PresetMixin, PreTrainedConfig):
     mask_value: float = MASK_VALUE
     expression_activation: str = "relu"
     classifier_dropout: float = 0.1
+    pooling: str = "cls"
     ssm_backend: str = "auto"
     vocab_checksum: str | None = None
     max_input_length: int = 2048
@@ -197,6 +204,8 @@ class ScMamba2Config(PresetMixin, PreTrainedConfig):
             )
         if self.ssm_backend not in _BACKENDS:
             raise ValueError(f"ssm_backend must be one of {_BACKENDS}, got {self.ssm_backend!r}.")
+        if self.pooling not in _POOLINGS:
+            raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}.")
         if self.expression_activation not in _ACTIVATIONS:
             raise ValueError(
                 f"expression_activation must be one of {_ACTIVATIONS}, got {self.expression_activation!r}."

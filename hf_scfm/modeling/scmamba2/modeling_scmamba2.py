@@ -48,7 +48,8 @@ class ScMamba2ModelOutput(ModelOutput):
 
     Args:
         last_hidden_state: ``[B, L, d]`` after the final norm; zero at padded positions.
-        cell_embedding: ``[B, d]``, the final hidden state at ``<cls>`` (position 0), as in the paper.
+        cell_embedding: ``[B, d]``, the final hidden state at ``<cls>`` (position 0), as in the paper, or with
+            ``config.pooling="mean"`` the mean over real tokens.
         hidden_states: with ``output_hidden_states=True``, the embedding output and every layer's output
             (``num_hidden_layers + 1`` tensors of ``[B, L, d]``; the last one before the final norm).
     """
@@ -67,7 +68,7 @@ class ScMamba2MaskedExpressionOutput(ModelOutput):
         predictions: ``[B, L]`` predicted value per position (a bin for masked expression, a log1p value
             for perturbation); zero at padded positions.
         hidden_states: as in :class:`ScMamba2ModelOutput`, with ``output_hidden_states=True``.
-        cell_embedding: ``[B, d]`` ``<cls>`` embedding.
+        cell_embedding: ``[B, d]`` cell embedding (``config.pooling``: ``<cls>`` or mean).
         last_hidden_state: ``[B, L, d]`` final hidden states.
     """
 
@@ -426,7 +427,8 @@ class ScMamba2PreTrainedModel(PreTrainedModel):
 class ScMamba2Model(ScMamba2PreTrainedModel):
     """SC-MAMBA2 backbone: embeddings, ``num_hidden_layers`` BiMamba-2 layers, final RMSNorm.
 
-    Returns the final hidden states and the cell embedding (the hidden state at ``<cls>``).
+    Returns the final hidden states and the cell embedding (``config.pooling``: the hidden state at ``<cls>``,
+    or the mean over real tokens).
     """
 
     def __init__(self, config: ScMamba2Config):
@@ -488,7 +490,11 @@ class ScMamba2Model(ScMamba2PreTrainedModel):
         hidden = self.norm_f(hidden)
         if attention_mask is not None:
             hidden = hidden * attention_mask.unsqueeze(-1)
-        cell_embedding = hidden[:, 0]
+        if self.config.pooling == "mean":
+            mask = attention_mask if attention_mask is not None else hidden.new_ones(hidden.shape[:2])
+            cell_embedding = hidden.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # pads are zero
+        else:
+            cell_embedding = hidden[:, 0]
         if not return_dict:
             return tuple(v for v in (hidden, cell_embedding, all_hidden) if v is not None)
         return ScMamba2ModelOutput(last_hidden_state=hidden, cell_embedding=cell_embedding, hidden_states=all_hidden)
@@ -582,7 +588,8 @@ class ScMamba2ForMaskedExpression(ScMamba2PreTrainedModel):
 
 
 class ScMamba2ForSequenceClassification(ScMamba2PreTrainedModel):
-    """Cell-level classifier (cell-type annotation) on the ``<cls>`` cell embedding.
+    """Cell-level classifier (cell-type annotation) on the cell embedding (``<cls>``, or the mean with
+    ``config.pooling="mean"``).
 
     Head: dropout -> Linear(d, d) -> activation -> LayerNorm -> dropout -> Linear(d, num_labels) (scGPT's
     cell-type decoder; the LayerNorm brings the small hidden activations of a freshly initialised head
