@@ -638,14 +638,16 @@ def _mix_scalar(z):
 
 
 def _row_counts_py(indptr, indices, data, col_rank):
-    """Matched non-zero entries per row of a CSR chunk (the sentence lengths before sampling). Compiled."""
+    """Matched non-zero entries per row of a CSR chunk (the sentence lengths before sampling). Compiled;
+    branch-free over per-row slices (no negative-index checks), so it vectorises."""
     n_rows = indptr.shape[0] - 1
     out = np.zeros(n_rows, dtype=np.int64)
     for r in range(n_rows):
+        a, b = indptr[r], indptr[r + 1]
+        row_idx, row_val = indices[a:b], data[a:b]
         c = 0
-        for e in range(indptr[r], indptr[r + 1]):
-            if col_rank[indices[e]] >= 0 and data[e] != 0:
-                c += 1
+        for e in range(b - a):
+            c += (col_rank[row_idx[e]] >= 0) & (row_val[e] != 0)
         out[r] = c
     return out
 
@@ -654,9 +656,11 @@ def _sampled_rows_py(indptr, indices, data, col_rank, tokens, r0, r1, n_genes, s
                      out_start, out_tok, out_val):
     """Rows ``[r0, r1)`` of a CSR chunk: row ``r``'s gene part (matched non-zero entries in token order,
     sampled to ``n_genes``, seeded by content) is written to ``out_tok`` / ``out_val`` from ``out_start[r]``;
-    the value is the quantile bin (``do_bins``) or the float32 count. Compiled by numba; see above."""
+    the value is the quantile bin (``do_bins``) or the float32 count. Compiled by numba; see above.
+
+    Every loop runs over per-row slices and row-long scratch (numba then drops its negative-index checks
+    and the simple loops vectorise); the steps are the same as the NumPy path's, so are the outputs."""
     n_tok = tokens.shape[0]
-    n_rows = r1 - r0
     n_pass = 1  # LSD radix passes of 8 bits over the token rank
     while (1 << (8 * n_pass)) < n_tok:
         n_pass += 1
@@ -668,106 +672,113 @@ def _sampled_rows_py(indptr, indices, data, col_rank, tokens, r0, r1, n_genes, s
     key_b = np.empty(max_n, dtype=np.int64)
     cnt_b = np.empty(max_n, dtype=np.float32)
     c_tok = np.empty(max_n, dtype=np.int64)
-    radix = np.zeros((n_pass, 257), dtype=np.int64)
+    radix = np.zeros(n_pass * 257, dtype=np.int64)
     hist = np.zeros(_HIST_SIZE, dtype=np.int64)
     distinct = np.empty(max_n, dtype=np.int64)
     value = np.empty(max_n, dtype=np.float32)
     h32 = np.empty(max_n, dtype=np.uint64)
     cand = np.empty(max_n, dtype=np.uint64)
     buckets = np.zeros(256, dtype=np.int64)
-    for r in range(n_rows):
-        # 1. the row's matched non-zero entries, in token order (an LSD radix sort by token rank when the
-        #    input columns are not already in token order)
+    for r in range(r1 - r0):
+        a, b = indptr[r0 + r], indptr[r0 + r + 1]
+        row_idx, row_val = indices[a:b], data[a:b]
+        # 1. the row's matched non-zero entries (in input order), and whether that is token order already
         n = 0
-        nd = 0
-        n_one = 0
         ordered = True
-        general = False
         last = -1
-        for e in range(indptr[r0 + r], indptr[r0 + r + 1]):
-            k = col_rank[indices[e]]
-            v = data[e]
+        for e in range(b - a):
+            k = col_rank[row_idx[e]]
+            v = row_val[e]
             if k >= 0 and v != 0:
                 key_a[n] = k
                 cnt_a[n] = v
-                if k < last:
-                    ordered = False
+                ordered = ordered and k >= last
                 last = k
                 n += 1
-                if do_bins:  # histogram of the integer counts (for the bins); 1s, the most common, in a register
-                    iv = np.int64(v)
-                    if v == 1:
-                        n_one += 1
-                    elif iv == v and iv < _HIST_SIZE:
-                        if hist[iv] == 0:
-                            distinct[nd] = iv
-                            nd += 1
-                        hist[iv] += 1
-                    else:
-                        general = True
         if n == 0:
             continue
-        o = out_start[r0 + r]
+        keys, cnts = key_a[:n], cnt_a[:n]
+        # 2. histogram of the integer counts (for the bins); the branches taken are predictable
+        nd, general = 0, False
+        if do_bins:
+            for j in range(n):
+                v = cnts[j]
+                iv = np.int64(v)
+                if iv == v and iv < _HIST_SIZE:
+                    if hist[iv] == 0:
+                        distinct[nd] = iv
+                        nd += 1
+                    hist[iv] += 1
+                else:
+                    general = True
+        # 3. token order: an LSD radix sort by token rank when the input columns are not in token order
         if not ordered:
-            radix[:, :] = 0
+            radix[:] = 0
             for j in range(n):  # every digit's histogram in one read of the keys
+                kj = keys[j]
                 for ps in range(n_pass):
-                    radix[ps, ((key_a[j] >> (8 * ps)) & 255) + 1] += 1
+                    radix[ps * 257 + ((kj >> (8 * ps)) & 255) + 1] += 1
+            src_k, src_c, dst_k, dst_c = key_a, cnt_a, key_b, cnt_b
             for ps in range(n_pass):
                 shift = 8 * ps
+                hist_ps = radix[ps * 257:(ps + 1) * 257]
                 for i in range(256):
-                    radix[ps, i + 1] += radix[ps, i]
+                    hist_ps[i + 1] += hist_ps[i]
+                s_k, s_c = src_k[:n], src_c[:n]
                 for j in range(n):
-                    d = (key_a[j] >> shift) & 255
-                    q = radix[ps, d]
-                    radix[ps, d] = q + 1
-                    key_b[q] = key_a[j]
-                    cnt_b[q] = cnt_a[j]
-                key_a, key_b = key_b, key_a
-                cnt_a, cnt_b = cnt_b, cnt_a
+                    kj = s_k[j]
+                    d = (kj >> shift) & 255
+                    q = hist_ps[d]
+                    hist_ps[d] = q + 1
+                    dst_k[q] = kj
+                    dst_c[q] = s_c[j]
+                src_k, src_c, dst_k, dst_c = dst_k, dst_c, src_k, src_c
+            keys, cnts = src_k[:n], src_c[:n]
+        toks = c_tok[:n]
         for j in range(n):
-            c_tok[j] = tokens[key_a[j]]
-        c_cnt = cnt_a
-        c_bits = c_cnt.view(np.uint32)
+            toks[j] = tokens[keys[j]]
+        vals = value[:n]
         if do_bins:  # bin = 1 + (n_bins - 1) * (number of entries with a smaller count) // n
             if general:  # non-integer or huge counts: rank by a sort of the cell's counts
-                srt = np.sort(c_cnt[:n])
+                srt = np.sort(cnts)
                 for j in range(n):
-                    below = np.searchsorted(srt, c_cnt[j])
-                    value[j] = np.float32(1 + ((n_bins - 1) * below) // n)
+                    below = np.searchsorted(srt, cnts[j])
+                    vals[j] = np.float32(1 + ((n_bins - 1) * below) // n)
                 for i in range(nd):
                     hist[distinct[i]] = 0
-            else:  # one division per distinct count: the table maps a count to its bin (a count of 1: bin 1)
+            else:  # one division per distinct count: the table maps a count to its bin
                 order = np.sort(distinct[:nd])
-                below = n_one
+                below = 0
                 for i in range(nd):
                     c = hist[order[i]]
                     hist[order[i]] = 1 + ((n_bins - 1) * below) // n
                     below += c
                 for j in range(n):
-                    v = c_cnt[j]
-                    value[j] = np.float32(1) if v == 1 else np.float32(hist[np.int64(v)])
+                    vals[j] = np.float32(hist[np.int64(cnts[j])])
                 for i in range(nd):
                     hist[order[i]] = 0
         else:
             for j in range(n):
-                value[j] = c_cnt[j]
+                vals[j] = cnts[j]
+        o = out_start[r0 + r]
         if n <= n_genes:
+            o_tok, o_val = out_tok[o:o + n], out_val[o:o + n]
             for j in range(n):
-                out_tok[o] = c_tok[j]
-                out_val[o] = value[j]
-                o += 1
+                o_tok[j] = toks[j]
+                o_val[j] = vals[j]
             continue
-        # sample: the n_genes entries with the smallest (entry_hash32, token)
+        # 4. sample: the n_genes entries with the smallest (entry_hash32, token)
+        c_bits = cnts.view(np.uint32)
         acc = np.uint64(0)
         for j in range(n):
-            acc += _mix_nb((np.uint64(c_tok[j]) * _GOLDEN) ^ np.uint64(c_bits[j]))
+            acc += _mix_nb((np.uint64(toks[j]) * _GOLDEN) ^ np.uint64(c_bits[j]))
         cell = _mix_nb(acc ^ seed_mix)
+        hh = h32[:n]
+        for j in range(n):
+            hh[j] = _mix_nb(cell + (np.uint64(toks[j]) + np.uint64(1)) * _GOLDEN) >> _S32
         buckets[:] = 0
         for j in range(n):
-            h = _mix_nb(cell + (np.uint64(c_tok[j]) + np.uint64(1)) * _GOLDEN) >> _S32
-            h32[j] = h
-            buckets[np.int64(h >> _S24)] += 1
+            buckets[np.int64(hh[j] >> _S24)] += 1
         t, below = 0, 0
         while below + buckets[t] < n_genes:  # bucket t holds the n_genes-th smallest key
             below += buckets[t]
@@ -775,16 +786,18 @@ def _sampled_rows_py(indptr, indices, data, col_rank, tokens, r0, r1, n_genes, s
         tb = np.uint64(t)
         nc = 0
         for j in range(n):
-            if (h32[j] >> _S24) == tb:
-                cand[nc] = (h32[j] << _S32) | np.uint64(c_tok[j])
+            if (hh[j] >> _S24) == tb:
+                cand[nc] = (hh[j] << _S32) | np.uint64(toks[j])
                 nc += 1
         threshold = np.sort(cand[:nc])[n_genes - below - 1]
+        o_tok, o_val = out_tok[o:o + n_genes], out_val[o:o + n_genes]
+        w = 0
         for j in range(n):
-            hb = h32[j] >> _S24
-            if hb < tb or (hb == tb and ((h32[j] << _S32) | np.uint64(c_tok[j])) <= threshold):
-                out_tok[o] = c_tok[j]
-                out_val[o] = value[j]
-                o += 1
+            hb = hh[j] >> _S24
+            if hb < tb or (hb == tb and ((hh[j] << _S32) | np.uint64(toks[j])) <= threshold):
+                o_tok[w] = toks[j]
+                o_val[w] = vals[j]
+                w += 1
 
 
 _mix_nb = None
