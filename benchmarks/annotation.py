@@ -1,6 +1,6 @@
 """Cell-type annotation benchmark: every family against logistic regression, on held-out donors / folds.
 
-    python benchmarks/annotation.py                       # all families x datasets (~40 min on 2 CPU cores)
+    python benchmarks/annotation.py                       # all families x datasets (~60 min on 2 CPU cores)
     python benchmarks/annotation.py --families scmamba2 --datasets pbmc68k --pretrain-steps 10 --finetune-steps 20
 
 Splits (the same for every method):
@@ -9,12 +9,15 @@ Splits (the same for every method):
 * ``baron_mouse``: train on one donor, test on the other, both directions;
 * ``pbmc68k``: 5-fold stratified cross-validation (one donor).
 
-Per dataset and family, a tokenizer over the dataset's genes (rank medians of all its cells) and a ``tiny`` model
-pretrained **once on all cells of the dataset**: pretraining is unsupervised (no label is read), but the test
-cells of every split are in that corpus (transductive, as a user pretraining on their own atlas would be;
-pretraining per split without the test donor would cost 11 pretraining runs per family instead of 3, which this
-CPU budget spends on fine-tuning instead). Per split: full fine-tuning (``hf-scfm finetune --no-lora``) on the
-training cells only, then :func:`hf_scfm.tasks.annotation.annotate` on the test cells. Logistic regression
+Per dataset and family, a tokenizer over the dataset's genes (rank medians of all its cells) reading its
+``--n-top-genes`` most variable genes, and a ``tiny`` model pretrained **once on all cells of the dataset**:
+pretraining is unsupervised (no label is read), but the test cells of every split are in that corpus
+(transductive, as a user pretraining on their own atlas would be; pretraining per split without the test donor
+would cost 11 pretraining runs per family instead of 3, which this CPU budget spends on fine-tuning instead).
+Per split: full fine-tuning (``hf-scfm finetune --no-lora``) on the training cells only, with the main job's
+choices (:data:`hf_scfm.quickstart.FINETUNE_OPTIONS`) and the genes re-selected on the training cells
+(``--n-top-genes``, per donor with ``--hvg-batch-key batch`` when there are several), then
+:func:`hf_scfm.tasks.annotation.annotate` on the test cells (read through the same genes). Logistic regression
 (:func:`hf_scfm.tasks.baseline.logistic_regression_baseline`: L2, C=1, on log1p(CP10k) of all shared genes) is
 fit on the same training cells. Test cells whose label does not occur in training are excluded from every
 method's metrics (they are listed in the CSV).
@@ -38,13 +41,19 @@ import time
 import warnings
 from pathlib import Path
 
+from hf_scfm.quickstart import FINETUNE_OPTIONS, N_TOP_GENES  # the main job's choices, benchmarked here
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = ("scmamba2", "cellfm", "mouse_genemamba")
 DATASETS = ("baron_human", "baron_mouse", "pbmc68k")
 LR_NAME = "logistic regression"
-#: Tokens per cell per family (specials included): CellFM's linear retention is ~5x cheaper per token on CPU than
-#: the two Mamba scans here, so within one time budget it reads 4x more genes per cell.
-MAX_LENGTH = {"cellfm": 256, "scmamba2": 64, "mouse_genemamba": 64}
+#: Tokens per cell and fine-tuning steps per family (specials included): CellFM's linear retention is ~5x cheaper
+#: per token on CPU than the two Mamba scans here, so within about the same time per split it reads 4x more genes
+#: per cell and trains 2x longer (baron_human: 0.98 / 0.98 on human1 at 512 tokens and 600 steps, 0.96 / 0.94 at
+#: 256 and 300).
+MAX_LENGTH = {"cellfm": 512, "scmamba2": 128, "mouse_genemamba": 128}
+FINETUNE_STEPS = {"cellfm": 600, "scmamba2": 300, "mouse_genemamba": 300}
+
 FIELDS = ["dataset", "split", "method", "accuracy", "f1_macro", "precision_macro", "recall_macro", "n_train",
           "n_test", "n_scored", "unseen_labels", "seconds"]
 
@@ -76,13 +85,13 @@ def pretrain_family(family_name: str, adata, work: Path, args) -> Path:
     from hf_scfm.training.families import get_family
 
     max_length = args.max_length or MAX_LENGTH[family_name]
-    tokenizer = build_tokenizer(adata, get_family(family_name), max_length=max_length)
+    tokenizer = build_tokenizer(adata, get_family(family_name), max_length=max_length, n_top_genes=args.n_top_genes)
     pretrain_tiny(family_name, adata, tokenizer, work, steps=args.pretrain_steps, batch_size=args.batch_size,
                   max_length=max_length, learning_rate=args.pretrain_lr, seed=args.seed, progress=False)
     return work / "pretrained"
 
 
-def finetune_and_annotate(pretrained: Path, train, test, work: Path, args) -> dict:
+def finetune_and_annotate(pretrained: Path, family_name: str, train, test, work: Path, args) -> dict:
     """Full (or LoRA) fine-tuning on ``train``, then :func:`annotate` of ``test``; returns the metrics."""
     from hf_scfm.quickstart import finetune_classifier
     from hf_scfm.tasks.annotation import METRICS_KEY, annotate
@@ -90,8 +99,15 @@ def finetune_and_annotate(pretrained: Path, train, test, work: Path, args) -> di
 
     train_h5ad = work / "train.h5ad"
     train.write_h5ad(train_h5ad)
-    finetune_classifier(pretrained, train_h5ad, work / "classifier", steps=args.finetune_steps,
-                        batch_size=args.batch_size, learning_rate=args.finetune_lr, lora=args.lora, seed=args.seed)
+    extra = list(FINETUNE_OPTIONS.get(family_name, ()))
+    if args.n_top_genes:  # re-selected on the training cells of the split (what a user's reference would give)
+        extra += ["--n-top-genes", str(args.n_top_genes)]
+        if train.obs["batch"].astype(str).nunique() > 1:
+            extra += ["--hvg-batch-key", "batch"]
+    finetune_classifier(pretrained, train_h5ad, work / "classifier",
+                        steps=args.finetune_steps or FINETUNE_STEPS[family_name],
+                        batch_size=args.batch_size, learning_rate=args.finetune_lr, lora=args.lora, seed=args.seed,
+                        extra=extra)
     loaded = load_model_and_tokenizer(work / "classifier", kind="classifier")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -126,11 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-splits", type=int, default=None, help="only the first N splits of each dataset")
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per cell, specials included, for every family (default: MAX_LENGTH per family)")
-    parser.add_argument("--pretrain-steps", type=int, default=30)
+    parser.add_argument("--pretrain-steps", type=int, default=150)
     parser.add_argument("--pretrain-lr", type=float, default=2e-3)
-    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="fine-tuning steps for every family (default: FINETUNE_STEPS per family)")
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--n-top-genes", type=int, default=N_TOP_GENES,
+                        help="genes read per cell: the N most variable (0 = all genes of the dataset)")
     parser.add_argument("--lora", action="store_true", help="LoRA fine-tuning instead of full fine-tuning")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -203,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.time()
                     work = root / dataset / family / "split"
                     work.mkdir(parents=True, exist_ok=True)
-                    metrics = finetune_and_annotate(pretrained[dataset, family], train, test, work, args)
+                    metrics = finetune_and_annotate(pretrained[dataset, family], family, train, test, work, args)
                     shutil.rmtree(work, ignore_errors=True)
                     name = f"{family}{' (LoRA)' if args.lora else ''}"
                     record(dataset, split, name, metrics, train.n_obs, test.n_obs, time.time() - t0)
@@ -211,9 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     table = aggregate(rows)
     lengths = args.max_length or ", ".join(f"{k} {v}" for k, v in MAX_LENGTH.items() if k in args.families)
-    settings = (f"tiny presets, max_length {lengths}, pretraining {args.pretrain_steps} "
+    steps = args.finetune_steps or ", ".join(f"{k} {v}" for k, v in FINETUNE_STEPS.items() if k in args.families)
+    options = "; ".join(f"{k}: {' '.join(v)}" for k, v in FINETUNE_OPTIONS.items() if k in args.families and v)
+    settings = (f"tiny presets, max_length {lengths}, genes read: "
+                f"{args.n_top_genes or 'all'} most variable (per training donor), "
+                f"{options or 'no family options'}, pretraining {args.pretrain_steps} "
                 f"steps (lr {args.pretrain_lr}) once per dataset on all its cells, {'LoRA' if args.lora else 'full'} "
-                f"fine-tuning {args.finetune_steps} steps (lr {args.finetune_lr}), batch {args.batch_size}, seed "
+                f"fine-tuning {steps} steps (lr {args.finetune_lr}), batch {args.batch_size}, seed "
                 f"{args.seed}, {args.threads} CPU thread(s); {time.time() - started:.0f} s in total")
     md_path.write_text(f"# Cell-type annotation benchmark\n\n`python benchmarks/annotation.py "
                        f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{settings}\n\n{table}\n")
