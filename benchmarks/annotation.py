@@ -41,7 +41,6 @@ import time
 import warnings
 from pathlib import Path
 
-from hf_scfm.quickstart import FINETUNE_OPTIONS, N_TOP_GENES  # the main job's choices, benchmarked here
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = ("scmamba2", "cellfm", "mouse_genemamba")
@@ -99,6 +98,8 @@ def finetune_and_annotate(pretrained: Path, family_name: str, train, test, work:
 
     train_h5ad = work / "train.h5ad"
     train.write_h5ad(train_h5ad)
+    from hf_scfm.quickstart import FINETUNE_OPTIONS  # the main job's choices, benchmarked here
+
     extra = list(FINETUNE_OPTIONS.get(family_name, ()))
     if args.n_top_genes:  # re-selected on the training cells of the split (what a user's reference would give)
         extra += ["--n-top-genes", str(args.n_top_genes)]
@@ -148,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tuning steps for every family (default: FINETUNE_STEPS per family)")
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--n-top-genes", type=int, default=N_TOP_GENES,
-                        help="genes read per cell: the N most variable (0 = all genes of the dataset)")
+    parser.add_argument("--n-top-genes", type=int, default=None,
+                        help="genes read per cell: the N most variable (0 = all genes of the dataset; default: the "
+                             "main job's N_TOP_GENES)")
     parser.add_argument("--lora", action="store_true", help="LoRA fine-tuning instead of full fine-tuning")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -170,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from hf_scfm.data import load_example
+    from hf_scfm.quickstart import FINETUNE_OPTIONS, N_TOP_GENES
     from hf_scfm.tasks.baseline import logistic_regression_baseline
 
+    if args.n_top_genes is None:
+        args.n_top_genes = N_TOP_GENES
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -258,7 +258,8 @@ def run_quickstart(model: str = "scmamba2", out_dir: str | Path = "quickstart_ou
     result = {
         "model": model, "dataset": dataset, "split": split, "n_train": int(train.n_obs), "n_query": int(test.n_obs),
         "max_length": max_length, "n_top_genes": len(tokenizer.gene_subset or []) or None,
-        "finetune_options": list(FINETUNE_OPTIONS.get(model, ())), "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps,
+        "finetune_options": list(FINETUNE_OPTIONS.get(model, ())), "pretrain_steps": pretrain_steps,
+        "finetune_steps": finetune_steps,
         "metrics": {k: v for k, v in metrics.items()},
         "baseline_metrics": {k: v for k, v in baseline["metrics"].items()},
         "paths": {"annotated": str(annotated_path), "confusion_matrix": str(confusion),

@@ -439,3 +439,4 @@ def test_highly_variable_gene_selection_matches_scanpy(cells):
     assert chosen == expected.gene_subset
     with pytest.raises(ValueError, match="batch_key 'donor' is not an obs column"):
         tok.select_highly_variable_genes(adata, 100, batch_key="donor")
+    assert tok.gene_subset == chosen  # a failed selection leaves the tokenizer as it was

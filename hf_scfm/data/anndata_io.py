@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["CountSource", "open_count_source", "iter_count_chunks", "validate_counts", "read_h5ad"]
+__all__ = ["CountSource", "open_count_source", "iter_count_chunks", "validate_counts", "read_h5ad",
+           "log_normalize_counts"]
 
 #: Largest value below which non-integer data with no value above it is called "log-normalised".
 _LOG_MAX = 30.0
@@ -210,3 +211,11 @@ def validate_counts(counts, n_counts=None, check_counts: bool = True, cell_names
             "normalised; drop them first, e.g. adata = adata[np.asarray(adata.X.sum(axis=1)).ravel() > 0] "
             "(or sc.pp.filter_cells(adata, min_counts=1))."
         )
+
+
+def log_normalize_counts(counts, n_counts, target_sum: float = 1e4) -> sp.csr_matrix:
+    """float32 CSR ``log1p(counts / n_counts * target_sum)`` (scanpy's ``normalize_total`` + ``log1p``) of a
+    cells x genes count matrix and its library sizes ``n_counts`` (positive: see :func:`validate_counts`)."""
+    x = sp.diags(target_sum / np.asarray(n_counts, dtype=np.float64)) @ sp.csr_matrix(counts, dtype=np.float64)
+    x.data = np.log1p(x.data)
+    return x.astype(np.float32).tocsr()

@@ -1,7 +1,8 @@
 """The logistic-regression baseline of cell-type annotation, on the same split as the foundation model.
 
 Each cell is library-size normalised to 10,000 counts and log1p-transformed (scanpy's ``normalize_total(1e4)``
-+ ``log1p``, computed here directly on the sparse matrix so scanpy is not needed), on the genes the train and
++ ``log1p``, computed directly on the sparse matrix by :func:`hf_scfm.data.anndata_io.log_normalize_counts`, the
+same normalisation the tokenizer's gene selection uses; scanpy is not needed), on the genes the train and
 test cells share, and a multinomial ``sklearn.linear_model.LogisticRegression`` (L2, ``C=1``, lbfgs) is fit on
 the train cells. This is the baseline of the scGPT / CellFM / SC-MAMBA2 annotation comparisons (the issue's
 reference points: about 0.94 / 0.79 accuracy / macro-F1 on a held-out Baron human donor). Test cells with
@@ -30,15 +31,13 @@ def _require_sklearn():
 def log_normalize(adata, target_sum: float = 1e4):
     """CSR ``log1p(x / library_size * target_sum)`` of an AnnData of raw counts (float32)."""
     import numpy as np
-    import scipy.sparse as sp
 
-    x = sp.csr_matrix(adata.X, dtype=np.float64)
-    lib = np.asarray(x.sum(1)).ravel()
+    from ..data.anndata_io import log_normalize_counts
+
+    lib = np.asarray(adata.X.sum(1), dtype=np.float64).ravel()
     if (lib <= 0).any():
         raise ValueError(f"{int((lib <= 0).sum())} cell(s) have no counts; drop them before the baseline.")
-    x = sp.diags(target_sum / lib) @ x
-    x.data = np.log1p(x.data)
-    return x.astype(np.float32).tocsr()
+    return log_normalize_counts(adata.X, lib, target_sum)
 
 
 def logistic_regression_baseline(train, test, label_key: str = "cell_type", *, C: float = 1.0, max_iter: int = 1000,

@@ -311,32 +311,33 @@ class GeneTokenizer(TokenizersBackend):
             import scanpy as sc
         except ImportError as err:
             raise ImportError("select_highly_variable_genes needs scanpy: pip install -e \".[plots]\"") from err
+        import pandas as pd
         import scipy.sparse as sp
 
-        from ..data.anndata_io import iter_count_chunks, open_count_source
+        from ..data.anndata_io import iter_count_chunks, log_normalize_counts, open_count_source
 
         if n_top_genes < 1:
             raise ValueError(f"n_top_genes must be >= 1, got {n_top_genes}.")
-        self.select_genes(None)
-        src = open_count_source(data, layer=layer)
-        colmap, report = self._column_map(src.var_names)
-        self._check_match(report)
-        columns = np.flatnonzero(colmap.matched)
-        blocks, obs = [], []
-        for counts, chunk_obs in iter_count_chunks(src, self.chunk_size, check_counts=self.check_counts):
-            lib = chunk_obs["n_counts"].to_numpy(np.float64)
-            x = sp.diags(1e4 / lib) @ sp.csr_matrix(counts[:, columns], dtype=np.float64)
-            x.data = np.log1p(x.data)
-            blocks.append(x.astype(np.float32).tocsr())
-            obs.append(chunk_obs)
-        import pandas as pd
-
-        obs = pd.concat(obs)
-        if batch_key is not None and batch_key not in obs.columns:
-            raise ValueError(f"batch_key {batch_key!r} is not an obs column (columns: {list(obs.columns)}).")
+        previous = self.gene_subset
+        self.select_genes(None)  # rank among all vocabulary genes of the input
+        try:
+            src = open_count_source(data, layer=layer)
+            colmap, report = self._column_map(src.var_names)
+            self._check_match(report)
+            columns = np.flatnonzero(colmap.matched)
+            blocks, obs = [], []
+            for counts, chunk_obs in iter_count_chunks(src, self.chunk_size, check_counts=self.check_counts):
+                blocks.append(log_normalize_counts(counts[:, columns], chunk_obs["n_counts"].to_numpy()))
+                obs.append(chunk_obs)
+            obs = pd.concat(obs)
+            if batch_key is not None and batch_key not in obs.columns:
+                raise ValueError(f"batch_key {batch_key!r} is not an obs column (columns: {list(obs.columns)}).")
+        except BaseException:
+            self.select_genes(previous)  # a failed selection leaves the tokenizer as it was
+            raise
         names = [str(src.var_names[c]) for c in columns]
-        adata = anndata.AnnData(sp.vstack(blocks).tocsr(), obs=obs.reset_index(drop=True).set_axis(
-            [str(i) for i in range(len(obs))]), var=pd.DataFrame(index=pd.Index(names).astype(str)))
+        adata = anndata.AnnData(sp.vstack(blocks).tocsr(), obs=obs.set_axis(np.arange(len(obs)).astype(str)),
+                                var=pd.DataFrame(index=pd.Index(names).astype(str)))
         adata.var_names_make_unique()
         n_top = min(int(n_top_genes), adata.n_vars)
         sc.pp.highly_variable_genes(adata, n_top_genes=n_top, flavor="seurat", batch_key=batch_key)
@@ -468,20 +469,18 @@ class GeneTokenizer(TokenizersBackend):
         return report
 
     def _check_match(self, report) -> None:
+        rate = report.match_rate if self.gene_subset is None else report.n_tokens / len(self.gene_subset)
+        if report.n_tokens >= self.min_genes and rate >= self.min_match_rate and report.n_tokens > 0:
+            return
         if self.gene_subset is not None:
-            found = report.n_tokens / len(self.gene_subset)
-            if report.n_tokens >= self.min_genes and found >= self.min_match_rate and report.n_tokens > 0:
-                return
             examples = ", ".join(self.gene_subset[:5])
             raise ValueError(
                 f"Only {report.n_tokens:,} of this tokenizer's {len(self.gene_subset):,} selected genes "
-                f"({found:.1%}) are in the input's {report.n_input:,} genes (needs >= {self.min_match_rate:.0%}). "
+                f"({rate:.1%}) are in the input's {report.n_input:,} genes (needs >= {self.min_match_rate:.0%}). "
                 f"Selected e.g.: {examples}. Check the species and that var_names hold gene symbols or Ensembl IDs "
                 "(adata.var_names = adata.var['gene_ids']); the query must measure the genes the model was "
                 "trained on."
             )
-        if report.n_tokens >= self.min_genes and report.match_rate >= self.min_match_rate and report.n_tokens > 0:
-            return
         examples = ", ".join(report.examples(n=5))
         raise ValueError(
             f"Only {report.n_matched:,} of {report.n_input:,} input genes ({report.match_rate:.1%}) match this "
