@@ -40,7 +40,7 @@ def no_shutdown_sleep(monkeypatch):
     bug, apache/arrow#45214, fixed in the pyarrow installed here); the tests close many streams."""
     import datasets
 
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from transformers import (
 import hf_scfm
 from hf_scfm.modeling.configuration_utils import check_tokenizer_matches
 from hf_scfm.modeling.mouse_genemamba import (
+    MouseGeneMambaCache,
     MouseGeneMambaConfig,
     MouseGeneMambaForCausalLM,
     MouseGeneMambaForMaskedLM,
@@ -291,17 +292,17 @@ def test_recurrent_cache_matches_parallel_forward():
     ids, vals, _ = sentences([13], seed=7)
     full = m(ids, values=vals).logits
     pre = m(ids[:, :6], values=vals[:, :6], use_cache=True)
-    cache = pre.cache_params
+    cache = pre.cache
     assert cache.seqlen_offset == 6 and torch.allclose(pre.logits, full[:, :6], atol=1e-12)
     step_logits = []
     for t in range(6, 13):
-        out = m(ids[:, t : t + 1], values=vals[:, t : t + 1], cache_params=cache, use_cache=True)
+        out = m(ids[:, t : t + 1], values=vals[:, t : t + 1], cache=cache, use_cache=True)
         assert out.cell_embedding is None
         step_logits.append(out.logits[:, 0])
     assert torch.allclose(torch.stack(step_logits, 1), full[:, 6:], atol=1e-10)
     # several tokens at once after the prefill go through the same recurrence
     pre = m(ids[:, :6], values=vals[:, :6], use_cache=True)
-    chunk = m(ids[:, 6:], values=vals[:, 6:], cache_params=pre.cache_params)
+    chunk = m(ids[:, 6:], values=vals[:, 6:], cache=pre.cache)
     assert torch.allclose(chunk.logits, full[:, 6:], atol=1e-10)
 
 
@@ -334,6 +335,31 @@ def test_greedy_generate_with_cache_equals_argmax_over_full_forwards():
         assert torch.all(row[: L - n] == PAD_TOKEN_ID)  # prompt padding moved to the left
         assert torch.equal(row[L - n :], expect)
     assert len(set(cached[:, L:].flatten().tolist())) > 5  # a non-degenerate continuation
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_carries_the_recurrent_cache_between_steps(num_beams):
+    """After the prefill every step feeds one token: the cache travels through `generate` under the installed
+    transformers (its cache keyword has been renamed before: `cache_params` -> `cache` in 5.24). Without the cache
+    the steps would grow (8, 9, 10, ...) while the output stays the same, so only the step widths show it."""
+    m = model_of(MouseGeneMambaForCausalLM, initializer_range=0.5)
+    ids, vals, mask = sentences([7, 4], seed=11)
+    widths, caches = [], []
+
+    def record(module, args, kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        caches.append(kwargs.get("cache"))
+
+    handle = m.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        m.generate(ids, values=vals, attention_mask=mask, max_new_tokens=5, num_beams=num_beams, do_sample=False)
+    finally:
+        handle.remove()
+    assert widths == [ids.shape[1]] + [1] * 4
+    assert caches[0] is None and all(isinstance(c, MouseGeneMambaCache) for c in caches[1:])
+    out = m(ids, values=vals, attention_mask=mask, use_cache=True)
+    assert isinstance(out.cache, MouseGeneMambaCache) and out.cache.seqlen_offset == ids.shape[1]
+    assert "cache" in out.keys() and out.to_tuple()[-1] is out.cache
 
 
 def test_generate_without_expression_and_sampling_and_beams():

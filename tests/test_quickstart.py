@@ -18,7 +18,7 @@ def no_stream_shutdown_sleep(monkeypatch):
     """``datasets`` sleeps 5 s when an abandoned parquet stream shuts down (see tests/test_pretrain.py)."""
     import datasets.config
 
-    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)
 
 
 def test_quickstart_small_budget_writes_everything(tmp_path, one_thread, capsys):

@@ -495,7 +495,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     model = family.pretraining_cls(args.objective)(config)
     check_tokenizer_matches(model.config, tokenizer)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     model.train()
 
     decay, no_decay = [], []

@@ -26,12 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from ...tokenization.special_tokens import IGNORE_INDEX
 from ..ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from .configuration_mouse_genemamba import MouseGeneMambaConfig
+
+# The keyword under which this transformers' `generate` carries a recurrent cache from step to step (and reorders it
+# for beam search): `cache` since transformers 5.24, `cache_params` before. The model's own keyword is `cache`.
+_GENERATE_CACHE_KEY = "cache" if "cache" in ALL_CACHE_NAMES else "cache_params"
 
 # --------------------------------------------------------------------------------------------------------------
 # Outputs
@@ -48,25 +53,25 @@ class MouseGeneMambaModelOutput(ModelOutput):
             (before the final norm), ``num_hidden_layers + 1`` tensors of ``[B, L, d]``.
         cell_embedding: ``[B, d]`` pooled over real tokens as ``config.pooling`` says. ``None`` in cached decoding
             steps (a one-token step has no sentence to pool).
-        cache_params: the recurrent state after this call (with ``use_cache=True``).
+        cache: the recurrent state after this call (with ``use_cache=True``).
     """
 
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     cell_embedding: torch.Tensor | None = None
-    cache_params: MouseGeneMambaCache | None = None
+    cache: MouseGeneMambaCache | None = None
 
 
 @dataclass
 class MouseGeneMambaCausalLMOutput(ModelOutput):
     """Output of :class:`MouseGeneMambaForCausalLM`: ``loss`` (next-gene cross-entropy, with ``labels``),
-    ``logits`` ``[B, L, vocab_size]``, ``hidden_states``, ``cell_embedding``, ``cache_params``."""
+    ``logits`` ``[B, L, vocab_size]``, ``hidden_states``, ``cell_embedding``, ``cache``."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     cell_embedding: torch.Tensor | None = None
-    cache_params: MouseGeneMambaCache | None = None
+    cache: MouseGeneMambaCache | None = None
 
 
 @dataclass
@@ -223,17 +228,17 @@ class MouseGeneMambaMixer(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache_params: MouseGeneMambaCache | None = None,
+        cache: MouseGeneMambaCache | None = None,
     ) -> torch.Tensor:
-        if cache_params is not None and cache_params.seqlen_offset > 0:
-            return self._step(hidden_states, cache_params)
+        if cache is not None and cache.seqlen_offset > 0:
+            return self._step(hidden_states, cache)
 
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # [B, d_inner, L] each
         mask = None if attention_mask is None else attention_mask[:, None, :].to(x.dtype)
         if mask is not None:
             x = x * mask
-        if cache_params is not None:
-            cache_params.store_conv_window(self.layer_idx, x)
+        if cache is not None:
+            cache.store_conv_window(self.layer_idx, x)
         conv_weight = self.conv1d.weight.squeeze(1)  # [d_inner, W]
         x = causal_conv1d(x, conv_weight, self.conv1d.bias, activation="silu", backend=self.backend)
         if mask is not None:
@@ -249,18 +254,18 @@ class MouseGeneMambaMixer(nn.Module):
             D=D,
             z=z,
             delta_softplus=True,
-            return_last_state=cache_params is not None,
+            return_last_state=cache is not None,
             backend=self.backend,
         )
-        if cache_params is not None:
+        if cache is not None:
             y, last_state = y
-            cache_params.ssm_states[self.layer_idx].copy_(last_state)
+            cache.ssm_states[self.layer_idx].copy_(last_state)
         return self.out_proj(y.transpose(1, 2).to(hidden_states.dtype))
 
-    def _step(self, hidden_states: torch.Tensor, cache_params: MouseGeneMambaCache) -> torch.Tensor:
+    def _step(self, hidden_states: torch.Tensor, cache: MouseGeneMambaCache) -> torch.Tensor:
         """Recurrent mode: consume ``L`` new tokens one at a time from the cached conv window and SSM state."""
-        conv_state = cache_params.conv_states[self.layer_idx]
-        ssm_state = cache_params.ssm_states[self.layer_idx]
+        conv_state = cache.conv_states[self.layer_idx]
+        ssm_state = cache.ssm_states[self.layer_idx]
         conv_weight = self.conv1d.weight.squeeze(1)
         A, D = self._A_D()
         outputs = []
@@ -290,9 +295,9 @@ class MouseGeneMambaBlock(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache_params: MouseGeneMambaCache | None = None,
+        cache: MouseGeneMambaCache | None = None,
     ) -> torch.Tensor:
-        return hidden_states + self.mixer(self.norm(hidden_states), attention_mask, cache_params)
+        return hidden_states + self.mixer(self.norm(hidden_states), attention_mask, cache)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -465,7 +470,7 @@ class MouseGeneMambaModel(MouseGeneMambaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cache_params: MouseGeneMambaCache | None = None,
+        cache: MouseGeneMambaCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -475,7 +480,7 @@ class MouseGeneMambaModel(MouseGeneMambaPreTrainedModel):
             values: ``[B, L]`` float expression values (``log1p(x_norm)``; 0.0 at special tokens and padding).
                 Required when ``config.use_expression``; ignored otherwise.
             attention_mask: ``[B, L]``, 1 = real token, 0 = padding.
-            cache_params: a :class:`MouseGeneMambaCache` to continue from (recurrent decoding).
+            cache: a :class:`MouseGeneMambaCache` to continue from (recurrent decoding).
             use_cache: return the recurrent state (a new cache is made if none is passed). Default ``False``;
                 ``generate`` turns it on.
         """
@@ -483,38 +488,38 @@ class MouseGeneMambaModel(MouseGeneMambaPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        use_cache = bool(use_cache) or cache_params is not None
+        use_cache = bool(use_cache) or cache is not None
         if self.gradient_checkpointing and self.training:
-            use_cache, cache_params = False, None
+            use_cache, cache = False, None
         self._check_inputs(input_ids, values if self.config.use_expression else None, attention_mask)
         if attention_mask is not None and bool((attention_mask != 0).all()):
             attention_mask = None  # nothing to mask: skip the multiplications
-        decoding = cache_params is not None and cache_params.seqlen_offset > 0
+        decoding = cache is not None and cache.seqlen_offset > 0
 
         hidden_states = self.embeddings(input_ids, values)
-        if use_cache and cache_params is None:
-            cache_params = MouseGeneMambaCache(
+        if use_cache and cache is None:
+            cache = MouseGeneMambaCache(
                 self.config, input_ids.shape[0], dtype=hidden_states.dtype, device=hidden_states.device
             )
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for block in self.layers:
-            hidden_states = block(hidden_states, attention_mask=attention_mask, cache_params=cache_params)
+            hidden_states = block(hidden_states, attention_mask=attention_mask, cache=cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm_f(hidden_states)
-        if cache_params is not None:
-            cache_params.seqlen_offset += input_ids.shape[1]
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
         cell_embedding = None if decoding else self.pool(hidden_states, attention_mask)
 
         if not use_cache:
-            cache_params = None
+            cache = None
         if not return_dict:
-            return tuple(v for v in (hidden_states, all_hidden_states, cell_embedding, cache_params) if v is not None)
+            return tuple(v for v in (hidden_states, all_hidden_states, cell_embedding, cache) if v is not None)
         return MouseGeneMambaModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=all_hidden_states,
             cell_embedding=cell_embedding,
-            cache_params=cache_params,
+            cache=cache,
         )
 
 
@@ -582,7 +587,7 @@ class MouseGeneMambaForCausalLM(_MouseGeneMambaWithGeneHead, GenerationMixin):
         values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        cache_params: MouseGeneMambaCache | None = None,
+        cache: MouseGeneMambaCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -597,7 +602,7 @@ class MouseGeneMambaForCausalLM(_MouseGeneMambaWithGeneHead, GenerationMixin):
             input_ids,
             values=values,
             attention_mask=attention_mask,
-            cache_params=cache_params,
+            cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -616,7 +621,7 @@ class MouseGeneMambaForCausalLM(_MouseGeneMambaWithGeneHead, GenerationMixin):
             loss = _token_cross_entropy(logits[:, :-1], labels[:, 1:], kwargs.get("num_items_in_batch"))
 
         if not return_dict:
-            out = (logits, outputs.hidden_states, outputs.cell_embedding, outputs.cache_params)
+            out = (logits, outputs.hidden_states, outputs.cell_embedding, outputs.cache)
             out = tuple(v for v in out if v is not None)
             return (loss,) + out if loss is not None else out
         return MouseGeneMambaCausalLMOutput(
@@ -624,10 +629,18 @@ class MouseGeneMambaForCausalLM(_MouseGeneMambaWithGeneHead, GenerationMixin):
             logits=logits,
             hidden_states=outputs.hidden_states,
             cell_embedding=outputs.cell_embedding,
-            cache_params=outputs.cache_params,
+            cache=outputs.cache,
         )
 
     # ---- generation -------------------------------------------------------------------------------------------
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+        # transformers >= 5.24 carries ``outputs.cache`` to the next step itself; older 5.x releases look for
+        # ``cache_params`` and would silently decode without the cache (and beam search would not reorder it).
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if outputs.get("cache") is not None:
+            model_kwargs[_GENERATE_CACHE_KEY] = outputs["cache"]
+        return model_kwargs
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -639,7 +652,7 @@ class MouseGeneMambaForCausalLM(_MouseGeneMambaWithGeneHead, GenerationMixin):
         input_ids: torch.LongTensor,
         values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cache_params: MouseGeneMambaCache | None = None,
+        cache: MouseGeneMambaCache | None = None,
         use_cache: bool | None = None,
         next_sequence_length: int | None = None,
         is_first_iteration: bool | None = False,
@@ -649,9 +662,11 @@ class MouseGeneMambaForCausalLM(_MouseGeneMambaWithGeneHead, GenerationMixin):
         """Prefill: the whole prompt (with its ``values`` and ``attention_mask``). Later steps with the cache: only the
         newest token, valued ``config.generated_value``. Without a cache: every token so far, the generated ones
         valued ``config.generated_value``."""
+        if cache is None:
+            cache = kwargs.get(_GENERATE_CACHE_KEY)
         if values is not None:
             values = values.to(self.device)
-        if cache_params is not None and cache_params.seqlen_offset > 0:
+        if cache is not None and cache.seqlen_offset > 0:
             n_new = next_sequence_length or 1
             input_ids = input_ids[:, -n_new:]
             if values is not None:
@@ -665,7 +680,7 @@ class MouseGeneMambaForCausalLM(_MouseGeneMambaWithGeneHead, GenerationMixin):
             "input_ids": input_ids.to(self.device),
             "values": values if self.config.use_expression else None,
             "attention_mask": None if attention_mask is None else attention_mask.to(self.device),
-            "cache_params": cache_params,
+            "cache": cache,
             "use_cache": use_cache,
         }
         if logits_to_keep is not None:
