@@ -315,7 +315,7 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     collator = DataCollatorForCellClassification(label_column=LABEL_COLUMN, label2id=label2id)
     trained = model  # the adversary (training only) wraps it; `model` is what gets saved
     if getattr(args, "adversarial_batch_key", None):
-        from ..tasks.integration import with_adversarial_batch
+        from .adversarial import with_adversarial_batch
 
         trained, collator = with_adversarial_batch(model, collator, train_adata, train_records,
                                                    args.adversarial_batch_key, weight=args.adversarial_weight,
