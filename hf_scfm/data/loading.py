@@ -423,9 +423,9 @@ def iter_batches(dataset, batch_size: int, collator, *, drop_last: bool = False,
             yield from DataLoader(batches, batch_size=None, num_workers=num_workers,
                                   multiprocessing_context=multiprocessing_context)
         else:
-            from . import collators
+            from . import masking
 
-            collators._pad_masked_kernel()  # load the optional compiled kernels here, not racing in the threads
+            masking.compiled_kernels()  # load the optional compiled kernels here, not racing in the threads
             yield from _in_turn([_read_ahead(batches.iter_part(i, num_workers), max(prefetch, 2))
                                  for i in range(num_workers)])
         return
