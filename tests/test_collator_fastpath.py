@@ -1,5 +1,5 @@
 """The masking rule's one compiled fast path (numba) against its plain reference (hf_scfm.data.masking), and
-iter_batches / read-ahead / output blocks (hf_scfm.data.batching, hf_scfm.data.loading)."""
+iter_batches / read-ahead / output blocks (hf_scfm.data.batching, hf_scfm.data.streaming)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hf_scfm.data import batching as B
 from hf_scfm.data import masking as M
 from hf_scfm.data.collators import DataCollatorForGeneMLM, DataCollatorForMaskedExpression
-from hf_scfm.data.loading import iter_batches
+from hf_scfm.data.streaming import iter_batches
 from hf_scfm.tokenization.encodings import splitmix64
 
 
@@ -133,7 +133,7 @@ def test_iter_batches_equals_collating_records():
 
 
 def test_read_ahead_keeps_order_and_passes_errors_on():
-    from hf_scfm.data.loading import _read_ahead
+    from hf_scfm.data.streaming import _read_ahead
 
     assert list(_read_ahead(iter(range(50)), 3)) == list(range(50))
 

@@ -189,15 +189,14 @@ def donors(tmp_path_factory):
 
 
 def _finetune(root, out, *extra):
-    import argparse
+    from hf_scfm.cli import parse
+    from hf_scfm.training.finetune import finetune
 
-    from hf_scfm.training.finetune import add_finetune_arguments, finetune
-
-    args = add_finetune_arguments(argparse.ArgumentParser()).parse_args([
-        "--model", str(root / "base"), "--train", str(root / "cells.h5ad"), "--label-key", "cell_type",
+    _, args = parse([
+        "finetune", "--model", str(root / "base"), "--train", str(root / "cells.h5ad"), "--label-key", "cell_type",
         "--out", str(out), "--max-steps", "60", "--batch-size", "16", "--max-length", "64", "--no-lora",
         "--learning-rate", "3e-4", "--seed", "0", *extra])
-    return finetune(args)
+    return finetune(*args)
 
 
 def _batch_predictability(folder, h5ad):

@@ -11,15 +11,14 @@ from .collators import (
 from .corpus import CorpusBuildReport, build_corpus
 from .examples import EXAMPLES, example_path, load_example
 from .loading import (
-    CollatedBatches,
     CorpusFormatError,
     LengthGroupedBatchSampler,
-    iter_batches,
     length_grouping_arguments,
     load_corpus,
     split_by_column,
     split_by_node,
 )
+from .streaming import CollatedBatches, iter_batches
 
 __all__ = [
     "EXAMPLES",

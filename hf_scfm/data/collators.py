@@ -7,7 +7,7 @@ corpus shard holds (``{input_ids, values, length, <obs columns>, source_file}``)
 (1 = real token); without one every position is real. Instead of a list of records a collator also
 takes a *columnar* batch: a mapping of per-cell lists, or a ``pyarrow.Table`` as yielded by
 ``ds.with_format("arrow").iter(batch_size)``; Arrow batches skip per-cell Python objects and are
-the fastest way from a streamed corpus to tensors: :func:`hf_scfm.data.loading.iter_batches` does
+the fastest way from a streamed corpus to tensors: :func:`hf_scfm.data.streaming.iter_batches` does
 exactly that (``benchmarks/corpus.py`` measures both ways). Reading and padding a batch in any of
 these forms is :mod:`hf_scfm.data.batching`.
 

@@ -26,13 +26,13 @@ batches.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from ..tokenization.encodings import _mix_scalar, splitmix64
+from ..tokenization import encodings
+from ..tokenization.encodings import splitmix64
 from ..tokenization.special_tokens import SPECIAL_TOKENS
 
 __all__ = ["FIRST_GENE_ID", "cell_keys", "uniform_bits", "uniforms", "cell_fractions", "choose_exact",
@@ -168,13 +168,11 @@ def compiled_kernels() -> tuple[Any, Any] | None:
     per process; numba caches the machine code on disk, so only the first process on a machine compiles."""
     if not _KERNELS:
         _KERNELS.append(None)
-        if os.environ.get("HF_SCFM_NUMBA", "1") != "0":
-            try:
-                import numba
-            except ImportError:
-                return None
+        if encodings._sampled_kernel() is not None:  # the tokenizer's rule: numba imports and HF_SCFM_NUMBA != 0
+            import numba
+
             global _mix_nb
-            _mix_nb = numba.njit(cache=True, nogil=True, inline="always")(_mix_scalar)
+            _mix_nb = encodings._mix_nb  # the tokenizer's compiled splitmix64: one hash, compiled once
             _KERNELS[0] = (numba.njit(cache=True, nogil=True)(_choose_cells),
                            numba.njit(cache=True, nogil=True)(_pad_masked_cells))
     return _KERNELS[0]
