@@ -1,4 +1,4 @@
-"""Reading AnnData, the bundled example datasets, corpora and collators."""
+"""Reading AnnData, the bundled example datasets, corpora (build, load, stream) and collators."""
 
 from .collators import (
     DataCollatorForCellClassification,

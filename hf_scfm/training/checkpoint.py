@@ -1,4 +1,6 @@
-"""Resumable training state in safetensors + JSON: :func:`save_training_state` / :func:`load_training_state`.
+"""Resumable training state in safetensors + JSON (:func:`save_training_state` / :func:`load_training_state`), and
+the ``checkpoint-N`` folders of a pretraining run (:func:`find_resume_checkpoint`, :func:`read_run_state`,
+:func:`check_resume_compatible`: which checkpoint ``--resume`` means, and whether this run may continue it).
 
 ``accelerator.save_state``/``load_state`` write and read ``optimizer.bin``, ``scheduler.bin``,
 ``random_states_*.pkl``, ``custom_checkpoint_*.pkl`` with ``torch.save``/pickle, and unpickling a file can run
