@@ -1,5 +1,6 @@
 """Reading AnnData, the bundled example datasets, corpora (build, load, stream) and collators."""
 
+from . import collators
 from .collators import (
     DataCollatorForCellClassification,
     DataCollatorForGeneMLM,
@@ -34,10 +35,5 @@ __all__ = [
     "split_by_node",
     "LengthGroupedBatchSampler",
     "length_grouping_arguments",
-    "DataCollatorForNextGene",
-    "DataCollatorForGeneMLM",
-    "DataCollatorForMaskedExpression",
-    "DataCollatorForMaskedRegression",
-    "DataCollatorForCellClassification",
-    "DataCollatorForPerturbation",
+    *collators.__all__,
 ]
