@@ -27,6 +27,7 @@ __all__ = [
     "load_corpus",
     "corpus_files",
     "read_shard_metadata",
+    "shard_cells",
     "split_by_column",
     "split_by_node",
     "LengthGroupedBatchSampler",
@@ -124,6 +125,20 @@ def read_shard_metadata(path: str) -> tuple[dict[str, Any], Any]:
     return info, schema
 
 
+def shard_cells(files: Sequence[str]) -> list[int]:
+    """Number of cells of each shard, from the Parquet footers (no data pages are read)."""
+    counts = []
+    for path in files:
+        info, _ = read_shard_metadata(path)
+        if info.get("n_cells") is None:
+            import pyarrow.parquet as pq
+
+            with _open(path) as fh:
+                info["n_cells"] = pq.read_metadata(fh).num_rows
+        counts.append(int(info["n_cells"]))
+    return counts
+
+
 def _diff(a: Mapping, b: Mapping) -> str:
     keys = sorted(set(a) | set(b))
     return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys if a.get(k) != b.get(k))
@@ -181,6 +196,7 @@ def load_corpus(
     revision: str | None = None,
     cache_dir: str | None = None,
     num_proc: int | None = None,
+    shards: Sequence[int] | None = None,
 ):
     """Load a corpus built by :func:`hf_scfm.data.build_corpus` as a ``datasets`` dataset.
 
@@ -201,6 +217,8 @@ def load_corpus(
             :func:`validate_corpus`); errors name the offending file.
         revision: branch, tag or commit of a Hub repo.
         cache_dir, num_proc: passed to ``load_dataset`` (map-style only for ``num_proc``).
+        shards: load only these shards (indices into the sorted shard list, see :func:`corpus_files`), e.g. one
+            data part of :mod:`hf_scfm.data.partition`; validation still covers the whole corpus.
 
     Returns:
         ``datasets.Dataset`` or ``datasets.IterableDataset`` with one row per cell. The tokenizer
@@ -210,6 +228,11 @@ def load_corpus(
 
     files = corpus_files(path_or_repo_id, revision=revision)
     settings = validate_corpus(files, tokenizer=tokenizer) if validate else None
+    if shards is not None:
+        bad = [i for i in shards if not 0 <= int(i) < len(files)]
+        if bad or not len(shards):
+            raise ValueError(f"shards must be a non-empty list of indices in [0, {len(files)}) (got {list(shards)}).")
+        files = [files[int(i)] for i in shards]
     if columns is not None:
         columns = list(columns)
         available = read_shard_metadata(files[0])[1].names

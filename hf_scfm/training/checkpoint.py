@@ -10,8 +10,8 @@ arbitrary code. hf-scfm never unpickles a file, so the state of a training run i
 file                                content
 ==================================  ====================================================================
 ``model.safetensors``               weights (``save_pretrained``'s file is reused; ``save_model=True`` writes it)
-``optimizer.safetensors`` + ``.json``  every tensor of ``optimizer.state_dict()`` under its path
-                                    (``state.<param_index>.exp_avg``, ``state.<i>.step``, ...); the rest
+``optimizer.safetensors`` + ``.json``  every tensor of the optimizer state under its parameter's name
+                                    (``state.<param name>.exp_avg``, ``state.<name>.step``, ...); the rest
                                     (``param_groups`` hyperparameters, python numbers) as JSON
 ``scheduler.json``                  ``scheduler.state_dict()`` (numbers and lists; ``LambdaLR``'s
                                     ``lr_lambdas`` entries are ``None`` or attribute dicts)
@@ -22,18 +22,24 @@ file                                content
 ``training_state_manifest.json``    format, number of processes, distributed type (written last by rank 0)
 ==================================  ====================================================================
 
-Rank 0 writes the shared files (weights, optimizer, scheduler, scaler: identical on every rank under DDP); each
-rank writes its own RNG and ``extra`` files. Python objects are mapped to JSON by a small reversible encoding
-(tuples, non-string dict keys, non-finite floats and numpy arrays are tagged; tensors become references to the
-safetensors file), so ``optimizer.load_state_dict`` gets back exactly what ``state_dict`` gave and AdamW resumes
-bit-exactly. An object the encoding does not know raises ``TypeError`` naming its path: nothing is silently dropped.
+The optimizer state is the *full* one, keyed by parameter name (``torch.distributed.checkpoint``'s
+``get_optimizer_state_dict``/``set_optimizer_state_dict`` with ``full_state_dict=True``): under DDP it is the
+same on every rank, under FSDP (FSDP2 ``fully_shard``, or FSDP1) each rank's shard is gathered to rank 0 on save
+and re-sharded from rank 0 on load. So one format covers a single process, DDP and FSDP, and a checkpoint
+resumes with another number of processes or with/without FSDP. Rank 0 writes the shared files; each rank writes
+its own RNG and ``extra`` files (on resume a rank reads its own RNG file, or rank 0's when the run had fewer
+processes; :func:`read_rank_extras` gives every rank's ``extra``). Python objects are mapped to JSON by a small
+reversible encoding (tuples, non-string dict keys, non-finite floats and numpy arrays are tagged; tensors become
+references to the safetensors file), so the optimizer gets back exactly what it gave and AdamW resumes
+bit-exactly. An object the encoding does not know raises ``TypeError`` naming its path: nothing is silently
+dropped. Version-1 folders (optimizer state keyed by parameter index) still load in an unsharded run.
 
-**FSDP / DeepSpeed / Megatron-LM.** Their optimizer state is sharded and gathered through Accelerate's own
-machinery, which this flat scheme does not reproduce. Under those distributed types the functions fall back to
-``accelerator.save_state``/``load_state`` and log a warning: such checkpoints contain pickled files and must only
-be resumed from trusted, local folders (they are never pushed to the Hub: see :data:`hub.NEVER_PUSHED`). This is a
-deliberate trade: exact resume of sharded runs is worth more than refusing them, and the risk is confined to files
-the same user wrote on the same machine. Loading a pickle-format checkpoint in a non-sharded run is refused.
+**DeepSpeed / Megatron-LM.** Their optimizer state is partitioned by their own engines, which this scheme does not
+reproduce. Under those distributed types the functions fall back to ``accelerator.save_state``/``load_state`` and
+log a warning: such checkpoints contain pickled files and must only be resumed from trusted, local folders (they
+are never pushed to the Hub: see :data:`hub.NEVER_PUSHED`). This is a deliberate trade: exact resume of those
+runs is worth more than refusing them, and the risk is confined to files the same user wrote on the same
+machine. Loading a pickle-format checkpoint in any other run is refused.
 """
 
 from __future__ import annotations
@@ -50,15 +56,15 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "hf_scfm-safetensors"
 PICKLE_FORMAT = "accelerate-save-state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "training_state_manifest.json"
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_WEIGHTS_INDEX = "model.safetensors.index.json"
-_SHARDED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+_SHARDED_TYPES = ("DEEPSPEED", "MEGATRON_LM")
 _MARKERS = ("__tensor__", "__tuple__", "__items__", "__float__", "__ndarray__")
 _PICKLE_WARNING = (
-    "Distributed type %s shards the optimizer state, which hf-scfm's safetensors/JSON training state does not "
-    "cover: falling back to accelerator.%s. These checkpoints contain PICKLED files (optimizer, scheduler, RNG "
+    "Distributed type %s partitions the optimizer state in its own engine, which hf-scfm's safetensors/JSON "
+    "training state does not cover: falling back to accelerator.%s. These checkpoints contain PICKLED files (optimizer, scheduler, RNG "
     "states); resume only from trusted local folders you wrote yourself."
 )
 
@@ -191,28 +197,72 @@ def _set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _load_model_weights(folder: Path, model) -> None:
-    """Load ``model.safetensors`` (or the shards of its index) into ``model``; only tied copies may be missing."""
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / MODEL_WEIGHTS).is_file():
+        return [folder / MODEL_WEIGHTS]
+    if (folder / MODEL_WEIGHTS_INDEX).is_file():
+        index = json.loads((folder / MODEL_WEIGHTS_INDEX).read_text(encoding="utf-8"))
+        return [folder / shard for shard in sorted(set(index["weight_map"].values()))]
+    raise TrainingStateError(f"{folder} has no {MODEL_WEIGHTS}: the checkpoint holds no model weights.")
+
+
+def _check_weight_names(folder: Path, names: set[str], model) -> None:
+    """Every parameter/buffer of ``model`` is in ``names`` or tied to one that is; nothing else is."""
+    expected = set(model.state_dict())
+    same = {}  # name -> id of the tensor it shares (tied weights are one Parameter under two names)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        same[name] = id(param)
+    loaded = {same[n] for n in names if n in same}
+    missing = [k for k in sorted(expected - names) if k not in same or same[k] not in loaded]
+    unexpected = sorted(names - expected)
+    if missing or unexpected:
+        raise TrainingStateError(
+            f"{folder / MODEL_WEIGHTS} does not match the model: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}. Resume with the same model family and preset that wrote it."
+        )
+
+
+def _load_model_weights(folder: Path, model, *, fsdp: bool = False, rank: int = 0) -> None:
+    """Load ``model.safetensors`` (or the shards of its index) into ``model``; only tied copies may be missing.
+    ``fsdp``: ``model`` is sharded; rank 0 reads the tensors and they are scattered from it (collective)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if (folder / MODEL_WEIGHTS).is_file():
-        state = load_file(str(folder / MODEL_WEIGHTS))
-    elif (folder / MODEL_WEIGHTS_INDEX).is_file():
-        index = json.loads((folder / MODEL_WEIGHTS_INDEX).read_text(encoding="utf-8"))
+    files = _weight_files(folder)
+    names: set[str] = set()
+    for path in files:
+        with safe_open(str(path), framework="pt") as fh:
+            names.update(fh.keys())
+    _check_weight_names(folder, names, model)
+    if not fsdp:
         state = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(str(folder / shard)))
-    else:
-        raise TrainingStateError(f"{folder} has no {MODEL_WEIGHTS}: the checkpoint holds no model weights.")
-    current = model.state_dict()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    loaded_storage = {current[k].data_ptr() for k in state if k in current}
-    untied = [k for k in missing if current[k].data_ptr() not in loaded_storage]
-    if unexpected or untied:
-        raise TrainingStateError(
-            f"{folder / MODEL_WEIGHTS} does not match the model: missing {untied[:5]}, unexpected "
-            f"{list(unexpected)[:5]}. Resume with the same model family and preset that wrote it."
-        )
+        for path in files:
+            state.update(load_file(str(path)))
+        model.load_state_dict(state, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    state = {}
+    if rank == 0:
+        for path in files:
+            state.update(load_file(str(path)))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                strict=False))
+
+
+def _optimizer_state(model, optimizer, fsdp: bool) -> dict:
+    """The full optimizer state, keyed by parameter name (gathered to rank 0 under FSDP; collective there)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=fsdp))
+
+
+def _set_optimizer_state(model, optimizer, state: dict, fsdp: bool) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=fsdp))
 
 
 def _is_sharded(accelerator) -> bool:
@@ -238,29 +288,34 @@ def save_training_state(folder, accelerator, model, optimizer, scheduler, extra:
                         save_model: bool = True) -> Path:
     """Write the resumable state of a run into ``folder`` (see the module docstring). Call on every process.
 
-    ``extra`` (JSON-able, per rank) is given back by :func:`load_training_state`. ``save_model=False`` when
-    ``save_pretrained`` writes ``model.safetensors`` into the same folder (as ``hf-scfm pretrain`` does).
-    ``scheduler`` may be ``None``.
+    ``extra`` (JSON-able, per rank) is given back by :func:`load_training_state` (and :func:`read_rank_extras`).
+    ``save_model=False`` when ``save_pretrained`` writes ``model.safetensors`` into the same folder (as ``hf-scfm
+    pretrain`` does). ``scheduler`` may be ``None``.
     """
+    from .distributed import full_model_state_dict, is_fsdp_model
+
     folder = Path(folder)
     rank = accelerator.process_index
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     sharded = _is_sharded(accelerator)
+    fsdp = is_fsdp_model(model)
     if sharded:
         logger.warning(_PICKLE_WARNING, accelerator.distributed_type, "save_state")
         _register_scheduler(accelerator, scheduler)
         accelerator.save_state(str(folder), safe_serialization=True)
     else:
         if save_model:
-            from safetensors.torch import save_model as save_model_file
+            from safetensors.torch import save_file
 
-            accelerator.wait_for_everyone()
+            state = full_model_state_dict(accelerator, model)  # collective under FSDP
             if accelerator.is_main_process:
-                save_model_file(accelerator.unwrap_model(model), str(folder / MODEL_WEIGHTS))
+                save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / MODEL_WEIGHTS),
+                          metadata={"format": "pt"})
+        optimizer_state = _optimizer_state(accelerator.unwrap_model(model) if not fsdp else model, optimizer, fsdp)
         if accelerator.is_main_process:
-            _write_component(folder, "optimizer", optimizer.state_dict())
+            _write_component(folder, "optimizer", optimizer_state)
             if scheduler is not None:
                 _write_component(folder, "scheduler", scheduler.state_dict())
             if getattr(accelerator, "scaler", None) is not None:
@@ -271,21 +326,22 @@ def save_training_state(folder, accelerator, model, optimizer, scheduler, extra:
     if accelerator.is_main_process:
         manifest = {"format": PICKLE_FORMAT if sharded else FORMAT, "format_version": FORMAT_VERSION,
                     "num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-                    "has_scheduler": scheduler is not None}
+                    "fsdp": fsdp, "has_scheduler": scheduler is not None}
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     accelerator.wait_for_everyone()
     return folder
 
 
-def load_training_state(folder, accelerator, model, optimizer, scheduler) -> dict:
-    """Restore what :func:`save_training_state` wrote into prepared ``model``/``optimizer`` and ``scheduler``
-    (may be ``None``), and this rank's RNG states; return this rank's ``extra`` dict. Call on every process.
-
-    Raises :class:`TrainingStateError` for an incomplete folder, another number of processes, or a
-    pickle-format (``save_state``) folder outside FSDP/DeepSpeed: nothing here unpickles a file.
-    """
+def read_rank_extras(folder) -> list[dict]:
+    """The ``extra`` dict of every rank that wrote ``folder``, by rank (for state that ranks hand over, such as
+    the data positions when the number of processes changes)."""
     folder = Path(folder)
-    rank = accelerator.process_index
+    manifest = _read_manifest(folder)
+    n = int(manifest.get("num_processes") or 1)
+    return [_read_component(folder, f"extra_state_rank{r}") for r in range(n)]
+
+
+def _read_manifest(folder: Path) -> dict:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         pickled = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pkl", ".pt", ".pth"))
@@ -293,46 +349,75 @@ def load_training_state(folder, accelerator, model, optimizer, scheduler) -> dic
                 "wrote), which hf-scfm does not load." if pickled else "")
         raise TrainingStateError(f"{folder} has no {MANIFEST}, so it holds no resumable training state.{hint} "
                                  "Start again without resuming.")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("num_processes") != accelerator.num_processes:
-        raise TrainingStateError(
-            f"{folder} was written by {manifest.get('num_processes')} processes, this run has "
-            f"{accelerator.num_processes}: the per-process data positions and RNG states cannot be mapped. "
-            "Resume with the same number of processes."
-        )
+    return json.loads(manifest_path.read_text(encoding="utf-8"))
+
+
+def load_training_state(folder, accelerator, model, optimizer, scheduler) -> dict:
+    """Restore what :func:`save_training_state` wrote into prepared ``model``/``optimizer`` and ``scheduler``
+    (may be ``None``), and this rank's RNG states; return this rank's ``extra`` dict (``{}`` when the run that
+    wrote the folder had fewer processes). Call on every process.
+
+    The number of processes may differ from the run that wrote the folder (the model and optimizer state are
+    full; a rank without its own RNG file takes rank 0's). Raises :class:`TrainingStateError` for an incomplete
+    folder, or a pickle-format (``save_state``) folder outside DeepSpeed/Megatron-LM: nothing here unpickles a file.
+    """
+    from .distributed import is_fsdp_model
+
+    folder = Path(folder)
+    rank = accelerator.process_index
+    manifest = _read_manifest(folder)
+    manifest_path = folder / MANIFEST
+    written_by = int(manifest.get("num_processes") or 1)
     sharded = _is_sharded(accelerator)
     if manifest.get("format") == PICKLE_FORMAT:
         if not sharded:
             raise TrainingStateError(
                 f"{folder} holds pickled training state written under {manifest.get('distributed_type')} "
-                "(accelerate save_state); outside FSDP/DeepSpeed hf-scfm does not unpickle files. Resume it with "
-                "the same distributed setup."
+                "(accelerate save_state); outside DeepSpeed/Megatron-LM hf-scfm does not unpickle files. Resume it "
+                "with the same distributed setup."
             )
+        if written_by != accelerator.num_processes:
+            raise TrainingStateError(f"{folder} was written by {written_by} processes ({manifest.get('distributed_type')}"
+                                     f", accelerate save_state), this run has {accelerator.num_processes}: resume it "
+                                     "with the same number of processes.")
         logger.warning(_PICKLE_WARNING, accelerator.distributed_type, "load_state")
         _register_scheduler(accelerator, scheduler)
         accelerator.load_state(str(folder))
     elif manifest.get("format") == FORMAT:
         if sharded:
             raise TrainingStateError(
-                f"{folder} was written without FSDP/DeepSpeed ({manifest.get('distributed_type')}); this run uses "
-                f"{accelerator.distributed_type}, whose sharded optimizer state it cannot restore. Resume it with "
-                "the same distributed setup."
+                f"{folder} was written without DeepSpeed/Megatron-LM ({manifest.get('distributed_type')}); this run "
+                f"uses {accelerator.distributed_type}, whose partitioned optimizer state it cannot restore. Resume it "
+                "without DeepSpeed, or start again."
             )
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise TrainingStateError(f"{manifest_path}: unknown format_version {manifest.get('format_version')!r}.")
-        _load_model_weights(folder, accelerator.unwrap_model(model))
-        optimizer.load_state_dict(_read_component(folder, "optimizer"))
+        version = manifest.get("format_version")
+        fsdp = is_fsdp_model(model)
+        if version not in (1, FORMAT_VERSION) or (version == 1 and fsdp):
+            raise TrainingStateError(f"{manifest_path}: format_version {version!r} cannot be loaded here (this "
+                                     f"hf-scfm reads version {FORMAT_VERSION}, and version 1 without FSDP).")
+        _load_model_weights(folder, model if fsdp else accelerator.unwrap_model(model), fsdp=fsdp, rank=rank)
+        if version == 1:  # optimizer state keyed by parameter index
+            optimizer.load_state_dict(_read_component(folder, "optimizer"))
+        else:
+            state = _read_component(folder, "optimizer") if rank == 0 or not fsdp else {}
+            _set_optimizer_state(model if fsdp else accelerator.unwrap_model(model), optimizer, state, fsdp)
         if scheduler is not None:
             if not manifest.get("has_scheduler"):
                 raise TrainingStateError(f"{folder} holds no scheduler state, but a scheduler was passed.")
             scheduler.load_state_dict(_read_component(folder, "scheduler"))
         if getattr(accelerator, "scaler", None) is not None:
             accelerator.scaler.load_state_dict(_read_component(folder, "scaler"))
-        per_rank = _read_component(folder, f"rng_state_rank{rank}")
+        own = (folder / f"rng_state_rank{rank}.json").is_file()
+        if not own:
+            logger.info("%s has no RNG state of rank %d (written by %d processes): rank 0's is used.", folder, rank,
+                        written_by)
+        per_rank = _read_component(folder, f"rng_state_rank{rank if own else 0}")
         _set_rng_state(per_rank["rng"])
         accelerator.step = int(per_rank["accelerator_step"])
     else:
         raise TrainingStateError(f"{manifest_path}: unknown format {manifest.get('format')!r}.")
+    if rank >= written_by:
+        return {}
     return _read_component(folder, f"extra_state_rank{rank}")
 
 
@@ -342,9 +427,11 @@ def load_training_state(folder, accelerator, model, optimizer, scheduler) -> dic
 #: The run description in every ``checkpoint-N`` of ``hf-scfm pretrain`` (written last: its presence marks a whole
 #: checkpoint).
 STATE_FILE = "hf_scfm_training_state.json"
-#: The settings it records (plus ``step``); a resumed run must match the first six and ``world_size``.
+#: The settings it records (plus ``step``). A resumed run must match ``model``, ``preset``, ``objective``, ``seed``,
+#: ``global_batch_size`` (= batch_size x world_size x gradient_accumulation_steps) and ``data_parts``: those fix
+#: the cells of every step; the per-process batch, the number of processes and the accumulation may change.
 RUN_STATE_KEYS = ("model", "preset", "objective", "batch_size", "gradient_accumulation_steps", "seed", "max_steps",
-                  "world_size", "corpus")
+                  "world_size", "global_batch_size", "data_parts", "corpus")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -403,16 +490,21 @@ def check_resume_compatible(state: dict, run: dict, checkpoint: Path) -> None:
     """:class:`ResumeError` unless ``run`` (this run's :data:`RUN_STATE_KEYS` settings) can continue ``state``."""
     mismatches = [
         f"--{key.replace('_', '-')} {run[key]!r} (checkpoint: {state.get(key)!r})"
-        for key in ("model", "preset", "objective", "batch_size", "gradient_accumulation_steps", "seed")
+        for key in ("model", "preset", "objective", "seed")
         if state.get(key) != run[key]
     ]
+    if state.get("global_batch_size") != run["global_batch_size"]:
+        mismatches.append(
+            f"a global batch of {run['global_batch_size']} cells = --batch-size {run['batch_size']} x "
+            f"{run['world_size']} process(es) x --gradient-accumulation-steps {run['gradient_accumulation_steps']} "
+            f"(checkpoint: {state.get('global_batch_size')!r} = {state.get('batch_size')!r} x "
+            f"{state.get('world_size')!r} x {state.get('gradient_accumulation_steps')!r})"
+        )
+    elif state.get("data_parts") != run["data_parts"]:
+        mismatches.append(f"--data-parts {run['data_parts']!r} (checkpoint: {state.get('data_parts')!r})")
     if mismatches:
         raise ResumeError(
             f"{checkpoint} was written by a run with other settings: {'; '.join(mismatches)}. Resume with the "
-            "settings of that run (an exact resume replays its data order), or start a new run in another --out."
-        )
-    if state.get("world_size") != run["world_size"]:
-        raise ResumeError(
-            f"{checkpoint} was written with {state.get('world_size')} processes, this run has {run['world_size']}: "
-            "each rank's data position cannot be carried over. Launch with the same number of processes."
+            "settings of that run (an exact resume replays its data order; with another number of processes, keep "
+            "the global batch), or start a new run in another --out."
         )

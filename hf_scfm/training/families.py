@@ -25,6 +25,17 @@ class Objective:
     #: ``"tokenizer"``: the collator takes the tokenizer (vocabulary size) as first argument; ``"seed"``: a seed.
     collator_args: str = "seed"
     description: str = ""
+    #: The loss compares position ``t``'s output with the label at ``t + 1`` (next-gene prediction).
+    shifted_labels: bool = False
+
+    def loss_items(self, batch):
+        """The number of label positions the head's loss averages over in a collated ``batch`` (labels other
+        than -100, on real tokens): the pretraining loop weights each micro-batch's mean loss by it, so a step's
+        loss is the mean over all its positions, however its cells are spread over processes and micro-batches."""
+        keep = batch["labels"] != -100
+        if batch.get("attention_mask") is not None:
+            keep = keep & batch["attention_mask"].bool()
+        return (keep[:, 1:] if self.shifted_labels else keep).sum()
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,8 @@ FAMILIES: dict[str, Family] = {
         species="mouse",
         objectives={
             "causal": Objective("MouseGeneMambaForCausalLM", "DataCollatorForNextGene", "none",
-                                "next-gene prediction over rank-ordered cell sentences (the paper's objective)"),
+                                "next-gene prediction over rank-ordered cell sentences (the paper's objective)",
+                                shifted_labels=True),
             "mlm": Objective("MouseGeneMambaForMaskedLM", "DataCollatorForGeneMLM", "tokenizer",
                              "BERT-style gene masked-language modelling"),
         },

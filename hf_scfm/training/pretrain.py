@@ -61,7 +61,7 @@ from .checkpoint import (
     read_run_state,
 )
 from .families import FAMILIES
-from .pretrain_data import BatchStream, build_streams, corpus_tokenizer, record_batches
+from .pretrain_data import CorpusParts, StepStream, corpus_tokenizer, held_out_batches, split_micro_batches
 from .run_log import LOSS_CURVE, METRICS_FILE, MetricsLogger, plot_loss_curve
 
 __all__ = ["PretrainArguments", "pretrain", "ResumeError", "evaluate_loss", "save_checkpoint"]
@@ -90,7 +90,13 @@ class PretrainArguments:
                                                            "help": "auto: bf16 on a GPU that supports it, no on CPU"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the shuffle and the masks"})
-    shuffle_buffer: int = field(default=10_000, metadata={"help": "streaming shuffle buffer, in cells"})
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "streaming shuffle buffer, in cells (split "
+                                                                   "over the data parts)"})
+    data_parts: int | None = field(default=None, metadata={
+        "metavar": "N", "help": "read the corpus as N interleaved parts of whole shards, each step taking cells from "
+                                "every part; a process reads only its parts, so N >= processes (default: the largest "
+                                "divisor of the global batch up to min(shards, 8); fixed for a run, whatever the number "
+                                "of processes)"})
     eval_fraction: float = field(default=0.05, metadata={"help": "cells held out (by cell_id hash)"})
     eval_steps: int = field(default=200, metadata={"help": "evaluate every N steps (0: only at the end)"})
     eval_batches: int = field(default=50, metadata={"help": "max batches per evaluation"})
@@ -106,13 +112,18 @@ class PretrainArguments:
     hub_private: bool = field(default=False, metadata={"help": "create the Hub repo private"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm bar (--no-progress: none)"})
     # Test hooks: stop cleanly after N steps (as if killed right after), or hang there until killed for real.
+    # hang_in_step: the last process stops inside step N (after a forward pass), the others block in the
+    # gradient all-reduce: a kill mid-step.
     stop_after_steps: int | None = field(default=None, metadata={"help": argparse.SUPPRESS})
     hang_after_steps: int | None = field(default=None, metadata={"help": argparse.SUPPRESS})
+    hang_in_step: int | None = field(default=None, metadata={"help": argparse.SUPPRESS})
 
     def __post_init__(self):
         problems = [f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})"
                     for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps")
                     if getattr(self, name) < 1]
+        if self.data_parts is not None and self.data_parts < 1:
+            problems.append(f"--data-parts must be >= 1 (got {self.data_parts})")
         if not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"--eval-fraction must be in [0, 1) (got {self.eval_fraction})")
         if self.model not in FAMILIES:
@@ -132,29 +143,24 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    from ..data.partition import cells_per_part, check_parts, rank_parts
     from ..modeling.configuration_utils import check_tokenizer_matches
+    from .distributed import accelerator_kwargs, needs_own_fsdp, shard_model
     from .families import get_family
 
     started = time.time()
     family = get_family(args.model)
-    family.objective(args.objective)  # an unknown objective fails here, naming the known ones
+    objective = family.objective(args.objective)  # an unknown objective fails here, naming the known ones
     args = dataclasses.replace(args, objective=args.objective or family.default_objective)
     out = Path(args.out)
 
-    # -- the run, and where it resumes from
+    # -- the run: its processes, its global batch and data parts, and where it resumes from
     accelerator = Accelerator(mixed_precision=_mixed_precision(args.mixed_precision),
-                              gradient_accumulation_steps=args.gradient_accumulation_steps)
-    run = {key: getattr(args, key) for key in RUN_STATE_KEYS if key != "world_size"}
-    run["world_size"] = accelerator.num_processes
+                              gradient_accumulation_steps=args.gradient_accumulation_steps, **accelerator_kwargs())
+    world, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
+    global_batch = args.batch_size * world * accumulation
     resume_from = find_resume_checkpoint(args.resume, out)
-    resume_state = None
-    if resume_from is not None:
-        resume_state = read_run_state(resume_from)
-        check_resume_compatible(resume_state, run, resume_from)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-
-    # -- tokenizer, model, optimizer, schedule
+    resume_state = read_run_state(resume_from) if resume_from is not None else None
     tokenizer = corpus_tokenizer(args.corpus)
     if tokenizer.encoding != family.encoding:
         raise ValueError(
@@ -162,6 +168,18 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
             f"reads the {family.encoding!r} encoding. Build the corpus with "
             f"GeneTokenizer.from_species(..., encoding={family.encoding!r}) or pick the matching --model."
         )
+    parts = CorpusParts(args.corpus, tokenizer, global_batch=global_batch, eval_fraction=args.eval_fraction,
+                        num_parts=args.data_parts or (resume_state or {}).get("data_parts"), seed=args.seed,
+                        shuffle_buffer=args.shuffle_buffer)
+    run = {key: getattr(args, key) for key in RUN_STATE_KEYS if hasattr(args, key)}
+    run.update(world_size=world, global_batch_size=global_batch, data_parts=parts.num_parts)
+    if resume_state is not None:
+        check_resume_compatible(resume_state, run, resume_from)
+    check_parts(parts.num_parts, world, global_batch, accumulation, parts.part_cells)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # -- model (sharded first under FSDP on CPU), optimizer, schedule
     set_seed(args.seed)
     config = family.config_cls.from_preset(args.preset, vocab_size=len(tokenizer),
                                            vocab_checksum=tokenizer.vocab_checksum)
@@ -170,6 +188,9 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
+    own_fsdp = needs_own_fsdp(accelerator)
+    if own_fsdp:
+        model = shard_model(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -180,26 +201,28 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     )
     warmup = args.warmup_steps if args.warmup_steps is not None else math.ceil(0.05 * args.max_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=args.max_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if own_fsdp:  # Accelerate would wrap the sharded model in DDP: only the optimizer is prepared
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: a prepared scheduler steps once per process per step. Saved by save_checkpoint.
 
-    # -- data: this rank's train stream and held-out cells, collated by the objective's collator
+    # -- data: this process's parts of every step, collated by the objective's collator
     collator = family.make_collator(tokenizer, objective=args.objective, seed=args.seed)
-    train_ds, held_ds = build_streams(args.corpus, tokenizer, eval_fraction=args.eval_fraction, seed=args.seed,
-                                      shuffle_buffer=args.shuffle_buffer, rank=accelerator.process_index,
-                                      world_size=accelerator.num_processes)
-    stream = BatchStream(train_ds, args.batch_size, collator)
-    step = 0
+    my_parts = rank_parts(parts.num_parts, accelerator.process_index, world)
+    positions, step = None, 0
     if resume_from is not None:
-        from .checkpoint import TrainingStateError, load_training_state
+        from .checkpoint import TrainingStateError, load_training_state, read_rank_extras
 
         try:
-            position = load_training_state(resume_from, accelerator, model, optimizer, scheduler)
+            load_training_state(resume_from, accelerator, model, optimizer, scheduler)
+            positions = _part_positions(read_rank_extras(resume_from), parts.num_parts, resume_from)
         except TrainingStateError as err:
             raise ResumeError(f"Cannot resume from {resume_from}: {err}") from err
-        stream.epoch, stream.consumed = position["epoch"], position["consumed_batches"]
         step = int(resume_state["step"])
-        logger.info("Resumed from %s at step %d (epoch %d, batch %d)", resume_from, step, stream.epoch, stream.consumed)
+        logger.info("Resumed from %s at step %d", resume_from, step)
+    stream = StepStream(parts, my_parts, cells_per_part(global_batch, parts.num_parts), positions)
+    eval_cells = math.ceil(args.eval_batches * args.batch_size * world / parts.num_parts)
 
     metrics = MetricsLogger(out, accelerator.is_main_process, step if resume_from is not None else None)
     pusher = None
@@ -208,20 +231,31 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
 
         pusher = CheckpointPusher(args.hub_model_id, hub_strategy=args.hub_strategy, private=args.hub_private)
 
-    # -- the loop
+    # -- the loop: a step's loss is the mean over all its label positions, on whichever process they are
     bar = tqdm(total=args.max_steps, initial=step, disable=not args.progress or not accelerator.is_local_main_process,
                desc=f"pretrain {family.name}", dynamic_ncols=True)
-    batches = iter(stream)
     window: list[float] = []
     last_loss = eval_loss = grad_norm = None
+    micro: list[dict] = []
     while step < args.max_steps:
-        micro_losses = []
-        for _ in range(args.gradient_accumulation_steps):
-            batch = _to_device(next(batches), accelerator.device)
+        micro = [_to_device(collator(records), accelerator.device)
+                 for records in split_micro_batches(stream.next_step(), accumulation)]
+        items = torch.stack([objective.loss_items(batch) for batch in micro]).to(torch.float64)
+        total = accelerator.reduce(items.sum(), reduction="sum")
+        if total <= 0:
+            raise ValueError(f"Step {step + 1} has no label positions on any process: the collator masked nothing.")
+        step_loss = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        for index, (batch, n) in enumerate(zip(micro, items)):
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                micro_losses.append(loss.detach().float())
+                with accelerator.autocast():
+                    loss = model(**batch).loss
+                if args.hang_in_step is not None and step + 1 == args.hang_in_step and index == 0 \
+                        and accelerator.process_index == world - 1:
+                    _hang(out / f"hanging-in-step-{step + 1}-rank-{accelerator.process_index}")
+                # DDP/FSDP average gradients over processes and Accelerate divides by the accumulation steps:
+                # weighting by n * world * accumulation / total makes the gradient that of the step's mean loss.
+                accelerator.backward(loss * (n * world * accumulation / total).to(loss.dtype))
+                step_loss += loss.detach().double() * n
                 if accelerator.sync_gradients:
                     if args.max_grad_norm > 0:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -231,7 +265,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         if not accelerator.sync_gradients:  # cannot happen: one optimizer step per accumulation group
             raise RuntimeError("gradient accumulation fell out of step with the optimizer")
         step += 1
-        last_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+        last_loss = (accelerator.reduce(step_loss, reduction="sum") / total).item()
         window.append(last_loss)
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}")
@@ -240,28 +274,28 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
             record = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
                       "epoch": stream.epoch}
             if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
+                record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             metrics.log(record)
             window = []
         if (args.eval_steps and step % args.eval_steps == 0) or step == args.max_steps:
-            eval_loss = evaluate_loss(model, held_ds, collator, args.batch_size, args.eval_batches, accelerator)
+            eval_loss = evaluate_loss(model, parts, my_parts, collator, objective, args.batch_size, eval_cells,
+                                      accelerator, filler=micro[0])
             if eval_loss is not None:
                 metrics.log({"step": step, "eval_loss": eval_loss})
         if step % args.save_steps == 0 and step < args.max_steps:
             folder = save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, family, run, out, step,
-                                     stream.state())
+                                     {"parts": stream.state()})
             if pusher is not None:
                 pusher.on_save(folder, step)
 
         if args.hang_after_steps is not None and step >= args.hang_after_steps:
-            (out / f"hanging-at-step-{step}").touch()
-            while True:  # wait for SIGKILL (tests of resuming after a real kill)
-                time.sleep(1)
+            _hang(out / f"hanging-at-step-{step}")
         if args.stop_after_steps is not None and step >= args.stop_after_steps:
             bar.close()
             metrics.close()
             if pusher is not None:
                 pusher.wait()
+            accelerator.end_training()
             return {"final_step": step, "final_loss": last_loss, "stopped": True, "out": str(out)}
     bar.close()
 
@@ -274,7 +308,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
         png = plot_loss_curve(out / METRICS_FILE, out / LOSS_CURVE, f"{family.name} ({args.preset}) pretraining")
         summary["loss_curve"] = str(png) if png else None
         summary["wall_time_s"] = round(time.time() - started, 1)
-        _write_card(out, accelerator.unwrap_model(model).config, tokenizer, family, args, run["world_size"], summary)
+        _write_card(out, accelerator.unwrap_model(model).config, tokenizer, family, args, run, summary)
         if pusher is not None:
             staged = _top_level_copy(out)
             try:
@@ -304,21 +338,62 @@ def _to_device(batch: dict, device) -> dict:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def evaluate_loss(model, held, collator, batch_size: int, max_batches: int, accelerator) -> float | None:
-    """Mean held-out loss (batches weighted equally) over at most ``max_batches`` batches, across ranks."""
+def _hang(marker: Path) -> None:
+    """Test hook: write ``marker`` (holding this process's id) and wait to be killed."""
+    marker.write_text(f"{os.getpid()}\n")
+    while True:
+        time.sleep(1)
+
+
+def _part_positions(extras: list[dict], num_parts: int, checkpoint: Path) -> dict[int, dict]:
+    """Every data part's position, from the ``extra`` dicts of all processes that wrote ``checkpoint``."""
+    positions = {}
+    for extra in extras:
+        positions.update({int(p): where for p, where in (extra.get("parts") or {}).items()})
+    missing = [p for p in range(num_parts) if p not in positions]
+    if missing:
+        raise ResumeError(
+            f"{checkpoint} holds no stream position for data part(s) {missing} of {num_parts}: it was written by an "
+            "older hf-scfm or with other --data-parts. Resume it with the version and settings that wrote it."
+        )
+    return positions
+
+
+def evaluate_loss(model, parts, part_ids, collator, objective, batch_size: int, max_cells_per_part: int,
+                  accelerator, filler: dict | None = None) -> float | None:
+    """Held-out loss: the mean over the label positions of the first ``max_cells_per_part`` held-out cells of
+    every data part (this process's parts here, summed over processes), so the same for any number of processes.
+
+    Under FSDP every forward pass is collective, so processes with fewer batches run ``filler`` (a batch of
+    theirs), weighted 0, until all have run the same number."""
     import torch
 
-    if held is None:
+    from .distributed import is_fsdp_model
+
+    if parts.eval_fraction <= 0:
         return None
-    model.eval()
+    fsdp = is_fsdp_model(model)
+    net = model if fsdp else accelerator.unwrap_model(model)  # no collectives in a plain forward
+    batches = held_out_batches(parts, part_ids, batch_size, max_cells_per_part)
+    rounds = None
+    if fsdp:
+        batches = [_to_device(collator(records), accelerator.device) for records in batches]
+        rounds = int(accelerator.reduce(torch.tensor(len(batches), device=accelerator.device), reduction="max"))
+        batches = batches + [None] * (rounds - len(batches))
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    net.eval()
     with torch.no_grad():
-        for index, records in enumerate(record_batches(held, batch_size)):
-            if index >= max_batches:
-                break
-            out = model(**_to_device(collator(records), accelerator.device))
-            total += torch.tensor([float(out.loss), 1.0], device=accelerator.device, dtype=torch.float64)
-    model.train()
+        for batch in batches:
+            weight = 1.0
+            if batch is None:
+                batch, weight = filler, 0.0
+            elif not fsdp:
+                batch = _to_device(collator(batch), accelerator.device)
+            with accelerator.autocast():
+                loss = net(**batch).loss
+            n = objective.loss_items(batch).double() * weight
+            total += torch.stack([loss.double() * n, n])
+    net.train()
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1]) if total[1] > 0 else None
 
@@ -326,11 +401,13 @@ def evaluate_loss(model, held, collator, batch_size: int, max_batches: int, acce
 def _save_model_files(accelerator, model, tokenizer, folder: Path, family) -> None:
     """``save_pretrained`` of model + tokenizer + remote code. Call on every process: the full state dict is
     gathered collectively (needed under FSDP/DeepSpeed ZeRO-3), then only the main process writes."""
+    from .distributed import full_model_state_dict
     from .remote_code import export_remote_code
 
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_model_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         export_remote_code(folder, family)
 
@@ -373,7 +450,7 @@ def _top_level_copy(folder: Path) -> tempfile.TemporaryDirectory:
     return tmp
 
 
-def _write_card(out: Path, config, tokenizer, family, args: PretrainArguments, world_size: int, summary: dict) -> None:
+def _write_card(out: Path, config, tokenizer, family, args: PretrainArguments, run: dict, summary: dict) -> None:
     from .model_card import render_model_card, write_card_metadata
 
     corpus = str(args.corpus)
@@ -390,7 +467,8 @@ def _write_card(out: Path, config, tokenizer, family, args: PretrainArguments, w
                           "objective": family.objective(args.objective).description},
         "hyperparameters": {
             "preset": args.preset, "objective": args.objective, "max_steps": args.max_steps,
-            "batch_size_per_device": args.batch_size, "processes": world_size,
+            "batch_size_per_device": args.batch_size, "processes": run["world_size"],
+            "global_batch_size": run["global_batch_size"], "data_parts": run["data_parts"],
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "learning_rate": args.learning_rate,
             "weight_decay": args.weight_decay, "schedule": "linear warmup + cosine decay", "optimizer": "AdamW",
             "max_grad_norm": args.max_grad_norm, "seed": args.seed, "final_train_loss": summary.get("final_loss"),

@@ -1,20 +1,26 @@
-"""The data side of pretraining: the corpus's tokenizer, this rank's train and held-out streams, and an endless,
-resumable stream of micro-batches.
+"""The data side of pretraining: the corpus's tokenizer, this process's part of every step, held-out cells.
 
 * **Eval split by cell id.** A cell is held out when a CRC32 of its ``cell_id`` falls below the eval fraction:
   stable across runs, ranks, shard layouts and streaming, with no index to store.
-* **Each rank reads its own part** (:func:`hf_scfm.data.split_by_node`: its own shards when their number divides
-  evenly), shuffled through a seeded buffer.
-* **Exact resume.** :class:`BatchStream` records its position (epoch and batches consumed in it); re-created with
-  that position it skips the consumed batches *before* collating them, so a skip costs reading only.
+* **The same steps for any number of processes** (:mod:`hf_scfm.data.partition`). The corpus is read as
+  ``num_parts`` parts (whole shards each, nearly equal cell counts); step ``k`` trains on the next cells of
+  every part, ``global_batch`` cells in all; process ``r`` of ``W`` reads only parts ``r, r + W, ...``. So 1, 2
+  or 8 processes train on the same cells at every step, and a checkpoint of one world size resumes in another.
+  Each part is shuffled through its own seeded buffer (``shuffle_buffer / num_parts`` cells: the same memory as
+  one buffer), its shards in a new seeded order every epoch.
+* **Exact resume.** :meth:`StepStream.state` is every part's position (epoch, cells read in it); a stream
+  restored with the positions of all parts (from the files of every process of the run that saved them)
+  re-reads the consumed cells of each part's current epoch without collating them, then continues.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from pathlib import Path
 
-__all__ = ["is_eval_cell", "corpus_tokenizer", "build_streams", "BatchStream", "record_batches"]
+__all__ = ["is_eval_cell", "corpus_tokenizer", "CorpusParts", "StepStream", "split_micro_batches",
+           "held_out_batches"]
 
 
 def is_eval_cell(cell_id: str, fraction: float) -> bool:
@@ -40,54 +46,98 @@ def corpus_tokenizer(corpus: str, cache_dir: str | None = None):
     return GeneTokenizer.from_pretrained(str(Path(folder) / "tokenizer"))
 
 
-def build_streams(corpus: str, tokenizer, *, eval_fraction: float, seed: int, shuffle_buffer: int, rank: int,
-                  world_size: int):
-    """(train, eval or None) streaming datasets for this rank, rows ``{input_ids, values}``."""
-    from ..data import load_corpus, split_by_node
+class CorpusParts:
+    """A corpus as ``num_parts`` parts (``None``: :func:`~hf_scfm.data.partition.default_num_parts` of the global
+    batch), checked against the corpus and the tokenizer once; :meth:`train` and :meth:`held_out` stream one
+    part's training or held-out cells (rows ``{input_ids, values}``)."""
 
-    ds = load_corpus(corpus, streaming=True, tokenizer=tokenizer, columns=["input_ids", "values", "cell_id"])
-    fraction = eval_fraction
-    train = ds.filter(lambda cid: not is_eval_cell(cid, fraction), input_columns=["cell_id"])
-    held = ds.filter(lambda cid: is_eval_cell(cid, fraction), input_columns=["cell_id"]) if fraction > 0 else None
-    if world_size > 1:
-        train = split_by_node(train, rank, world_size)
-        held = split_by_node(held, rank, world_size) if held is not None else None
-    train = train.shuffle(seed=seed, buffer_size=shuffle_buffer)
-    train = train.remove_columns(["cell_id"])
-    held = held.remove_columns(["cell_id"]) if held is not None else None
-    return train, held
+    def __init__(self, corpus: str, tokenizer, *, global_batch: int, num_parts: int | None, eval_fraction: float,
+                 seed: int, shuffle_buffer: int):
+        from ..data.loading import corpus_files, shard_cells, validate_corpus
+        from ..data.partition import default_num_parts, partition_shards
+
+        files = corpus_files(corpus)
+        validate_corpus(files, tokenizer=tokenizer)
+        self.corpus, self.eval_fraction, self.seed = corpus, eval_fraction, seed
+        sizes = shard_cells(files)
+        self.num_parts = num_parts or default_num_parts(global_batch, len(files))
+        self.shards = partition_shards(sizes, self.num_parts)
+        self.part_cells = [sum(sizes[i] for i in part) for part in self.shards]
+        self.buffer = max(1, math.ceil(shuffle_buffer / self.num_parts))
+
+    def _load(self, part: int, held_out: bool):
+        from ..data import load_corpus
+
+        ds = load_corpus(self.corpus, streaming=True, columns=["input_ids", "values", "cell_id"], validate=False,
+                         shards=self.shards[part])
+        fraction = self.eval_fraction
+        keep = (lambda cid: is_eval_cell(cid, fraction)) if held_out else (lambda cid: not is_eval_cell(cid, fraction))
+        return ds.filter(keep, input_columns=["cell_id"])
+
+    def train(self, part: int):
+        ds = self._load(part, held_out=False).shuffle(seed=self.seed, buffer_size=self.buffer)
+        return ds.remove_columns(["cell_id"])
+
+    def held_out(self, part: int):
+        """Held-out cells of ``part`` in file order, or None without an eval fraction."""
+        if self.eval_fraction <= 0:
+            return None
+        return self._load(part, held_out=True).remove_columns(["cell_id"])
 
 
-def record_batches(dataset, batch_size: int):
-    """Uncollated batches (lists of records): collation happens only for batches actually used (see resume)."""
-    from torch.utils.data import DataLoader
+class StepStream:
+    """This process's records of every optimizer step: the next ``per_part[p]`` records of each of its parts
+    ``p`` (in part order), from endless :class:`~hf_scfm.data.partition.PartStream` s."""
 
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=list, num_workers=0)
+    def __init__(self, parts: CorpusParts, part_ids: list[int], per_part: list[int],
+                 positions: dict[int, dict] | None = None):
+        from ..data.partition import PartStream
+
+        self.per_part = per_part
+        self.streams = {}
+        for p in part_ids:
+            where = (positions or {}).get(p, {"epoch": 0, "consumed": 0})
+            self.streams[p] = PartStream(parts.train(p), epoch=where["epoch"], consumed=where["consumed"],
+                                         name=f"Data part {p} of {parts.num_parts} ({len(parts.shards[p])} shard(s))")
+
+    def next_step(self) -> list[dict]:
+        return [record for p, stream in self.streams.items() for record in stream.take(self.per_part[p])]
+
+    @property
+    def epoch(self) -> int:
+        """The lowest epoch among this process's parts."""
+        return min(s.epoch for s in self.streams.values())
+
+    def state(self) -> dict[str, dict[str, int]]:
+        """``{"<part>": {"epoch", "consumed"}}`` of this process's parts (JSON keys are strings)."""
+        return {str(p): s.state() for p, s in self.streams.items()}
 
 
-class BatchStream:
-    """Endless micro-batches of this rank's training stream, epoch after epoch, with a resumable position."""
+def split_micro_batches(records: list, n: int) -> list[list]:
+    """``records`` cut into ``n`` consecutive micro-batches whose sizes differ by at most one (larger first)."""
+    base, extra = divmod(len(records), n)
+    out, start = [], 0
+    for i in range(n):
+        stop = start + base + (i < extra)
+        out.append(records[start:stop])
+        start = stop
+    return out
 
-    def __init__(self, dataset, batch_size: int, collator, epoch: int = 0, consumed: int = 0):
-        self.dataset, self.batch_size, self.collator = dataset, batch_size, collator
-        self.epoch, self.consumed = epoch, consumed
 
-    def __iter__(self):
-        while True:
-            self.dataset.set_epoch(self.epoch)
-            skip, produced = self.consumed, 0
-            for index, records in enumerate(record_batches(self.dataset, self.batch_size)):
-                produced += 1
-                if index < skip:  # already consumed before the resume: skipped before collation
-                    continue
-                self.consumed = index + 1
-                yield self.collator(records)
-            if produced == 0:
-                raise ValueError(
-                    "The training stream of this process is empty: the corpus has too few cells for this many "
-                    "processes and this --eval-fraction. Use a larger corpus or fewer processes."
-                )
-            self.epoch, self.consumed = self.epoch + 1, 0
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed_batches": self.consumed}
+def held_out_batches(parts: CorpusParts, part_ids: list[int], batch_size: int, max_cells_per_part: int):
+    """Uncollated batches (lists of records) of the first ``max_cells_per_part`` held-out cells of each of
+    ``part_ids``: collation happens only for batches actually used."""
+    for p in part_ids:
+        held = parts.held_out(p)
+        if held is None:
+            return
+        batch = []
+        for index, record in enumerate(held):
+            if index >= max_cells_per_part:
+                break
+            batch.append(record)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
