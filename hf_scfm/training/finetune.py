@@ -220,7 +220,14 @@ def balanced_class_weights(labels, label2id: dict[str, int]):
 class WeightedClassificationLoss:
     """``Trainer(compute_loss_func=...)``: class-weighted cross-entropy of ``outputs.logits``. The Trainer takes the
     labels out of the batch first, so the model's own loss is None, unless a wrapper adds a term of its own (the
-    adversarial batch loss), which is kept."""
+    adversarial batch loss), which is kept.
+
+    With a ``compute_loss_func`` the Trainer counts the step's cells over all micro-batches and processes
+    (``num_items_in_batch``), multiplies the returned loss by the number of processes and does not divide it by
+    the accumulation steps: so each micro-batch's weighted mean is weighted by its share of the step's cells. One
+    process without accumulation gets exactly the weighted mean of its batch; otherwise a step's loss is the
+    cell-weighted average of its micro-batches' weighted means (equal to one process's whenever the micro-batches
+    hold the same total weight per cell)."""
 
     def __init__(self, weights):
         self.weights = weights
@@ -229,9 +236,13 @@ class WeightedClassificationLoss:
         import torch.nn.functional as F
 
         logits = outputs["logits"].float()
-        loss = F.cross_entropy(logits, labels.to(logits.device).view(-1), weight=self.weights.to(logits.device))
+        labels = labels.to(logits.device).view(-1)
+        loss = F.cross_entropy(logits, labels, weight=self.weights.to(logits.device))
         extra = outputs.get("loss") if hasattr(outputs, "get") else None
-        return loss if extra is None else loss + extra
+        loss = loss if extra is None else loss + extra
+        if num_items_in_batch is not None:
+            loss = loss * (labels.numel() / float(num_items_in_batch))
+        return loss
 
 
 def lora_config(model, family, r: int = 8, alpha: int = 16, dropout: float = 0.0):
@@ -286,7 +297,12 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
 
     if not training_args.output_dir:
         raise ValueError("training_args.output_dir (--out) is the folder of the fine-tuned model; give one.")
-    training_args = dataclasses.replace(training_args, remove_unused_columns=False, label_names=["labels"])
+    from .distributed import accelerator_kwargs
+
+    # use_cpu on a machine without an accelerator: several CPU processes (accelerate launch / torchrun) then form
+    # one data-parallel run over gloo; without it each would train alone on all the cells.
+    training_args = dataclasses.replace(training_args, remove_unused_columns=False, label_names=["labels"],
+                                        **({"use_cpu": True} if accelerator_kwargs().get("cpu") else {}))
     model_path, config_dict, family = resolve_checkpoint(args.model)
     tokenizer = GeneTokenizer.from_pretrained(str(model_path))
 
@@ -345,11 +361,19 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
                                                                       label2id))
     trainer = Trainer(model=trained, args=training_args, train_dataset=train_records, eval_dataset=eval_records,
                       data_collator=collator, compute_metrics=compute_metrics, compute_loss_func=loss_func)
+    # Our classifiers take **kwargs but ignore num_items_in_batch (their loss is the batch mean): told otherwise,
+    # the Trainer would multiply that mean by the number of processes and skip the division by the accumulation
+    # steps (a loss and gradient W x accumulation too large, hidden by AdamW's scale invariance but not by clipping).
+    trainer.model_accepts_loss_kwargs = False
     trainer.train()
     metrics = trainer.evaluate() if eval_records else {}
 
-    # -- saving: the label map, the model (adapter, merged or full), its tokenizer and card
+    # -- saving (the main process only): the label map, the model (adapter, merged or full), its tokenizer and card
     out = Path(training_args.output_dir)
+    result = {"out": str(out), "metrics": metrics, "num_labels": len(label_names), "trainable_params": trainable}
+    if not trainer.is_world_process_zero():
+        trainer.accelerator.wait_for_everyone()  # returns when the main process has written the folder
+        return result
     out.mkdir(parents=True, exist_ok=True)
     (out / LABEL_MAP_FILE).write_text(json.dumps({"id2label": {str(k): v for k, v in id2label.items()},
                                                   "label2id": label2id}, indent=2) + "\n", encoding="utf-8")
@@ -365,7 +389,8 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         export_remote_code(out, family)
         _write_card(out, model.config, tokenizer, args, training_args, label_names, metrics)
     print(f"Saved to {out}; metrics: {json.dumps(metrics, sort_keys=True)}")
-    return {"out": str(out), "metrics": metrics, "num_labels": len(label_names), "trainable_params": trainable}
+    trainer.accelerator.wait_for_everyone()
+    return result
 
 
 def _write_card(out: Path, config, tokenizer, args: FinetuneArguments, training_args, label_names,

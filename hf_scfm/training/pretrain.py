@@ -295,6 +295,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
             metrics.close()
             if pusher is not None:
                 pusher.wait()
+            accelerator.wait_for_everyone()
             accelerator.end_training()
             return {"final_step": step, "final_loss": last_loss, "stopped": True, "out": str(out)}
     bar.close()
@@ -317,6 +318,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
                 staged.cleanup()
         print(f"Done: step {step}, loss {last_loss:.4f}; model in {out}"
               + (f", loss curve {summary['loss_curve']}" if summary["loss_curve"] else ""))
+    accelerator.wait_for_everyone()  # every process returns with the output folder complete
     accelerator.end_training()
     return summary
 

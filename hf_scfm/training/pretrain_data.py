@@ -49,16 +49,16 @@ def corpus_tokenizer(corpus: str, cache_dir: str | None = None):
 class CorpusParts:
     """A corpus as ``num_parts`` parts (``None``: :func:`~hf_scfm.data.partition.default_num_parts` of the global
     batch), checked against the corpus and the tokenizer once; :meth:`train` and :meth:`held_out` stream one
-    part's training or held-out cells (rows ``{input_ids, values}``)."""
+    part's training or held-out cells (rows ``{input_ids, values}``, and ``cell_id`` with ``with_cell_id``)."""
 
     def __init__(self, corpus: str, tokenizer, *, global_batch: int, num_parts: int | None, eval_fraction: float,
-                 seed: int, shuffle_buffer: int):
+                 seed: int, shuffle_buffer: int, with_cell_id: bool = False):
         from ..data.loading import corpus_files, shard_cells, validate_corpus
         from ..data.partition import default_num_parts, partition_shards
 
         files = corpus_files(corpus)
         validate_corpus(files, tokenizer=tokenizer)
-        self.corpus, self.eval_fraction, self.seed = corpus, eval_fraction, seed
+        self.corpus, self.eval_fraction, self.seed, self.with_cell_id = corpus, eval_fraction, seed, with_cell_id
         sizes = shard_cells(files)
         self.num_parts = num_parts or default_num_parts(global_batch, len(files))
         self.shards = partition_shards(sizes, self.num_parts)
@@ -76,13 +76,14 @@ class CorpusParts:
 
     def train(self, part: int):
         ds = self._load(part, held_out=False).shuffle(seed=self.seed, buffer_size=self.buffer)
-        return ds.remove_columns(["cell_id"])
+        return ds if self.with_cell_id else ds.remove_columns(["cell_id"])
 
     def held_out(self, part: int):
         """Held-out cells of ``part`` in file order, or None without an eval fraction."""
         if self.eval_fraction <= 0:
             return None
-        return self._load(part, held_out=True).remove_columns(["cell_id"])
+        ds = self._load(part, held_out=True)
+        return ds if self.with_cell_id else ds.remove_columns(["cell_id"])
 
 
 class StepStream:

@@ -11,6 +11,7 @@ package import, so ``import hf_scfm`` works on any machine. ``backend`` selects 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from functools import lru_cache
 from typing import Any, Callable
@@ -82,3 +83,19 @@ def resolve_kernel(op: str, backend: str, *tensors: torch.Tensor | None) -> Call
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else is computed in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run the op ``fn`` with autocast disabled on its tensors' device, so under mixed precision (``torch.autocast``)
+    its matmuls and sums run in the op's compute dtype (float32 for bfloat16/float16 inputs), not in bfloat16:
+    the scan accumulates in float32 and only its output is in the inputs' dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -56,8 +56,13 @@ def linear_retention(q, k, v, attention_mask=None, *, backend: str = "auto"):
     _check(q, k, v, attention_mask)
     if backend not in ("auto", "torch", "cuda"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}.")
-    if attention_mask is None:
-        return q @ (k.transpose(-1, -2) @ v)
-    m = _mask(attention_mask, k)
-    kv = (k * m).transpose(-1, -2) @ (v * m)  # [b, h, d_k, d_v]
-    return (q @ kv) * m.to(q.dtype)
+    # The summary K^T V sums over the whole cell: it accumulates in float32 (float64 stays float64), with autocast
+    # off, whatever the inputs' dtype; only the output is in q's dtype.
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+        if attention_mask is None:
+            return (qc @ (kc.transpose(-1, -2) @ vc)).to(q.dtype)
+        m = _mask(attention_mask, kc)
+        kv = (kc * m).transpose(-1, -2) @ (vc * m)  # [b, h, d_k, d_v]
+        return ((qc @ kv) * m).to(q.dtype)

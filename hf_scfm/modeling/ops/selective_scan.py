@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import compute_dtype, resolve_kernel
+from .dispatch import autocast_off, compute_dtype, resolve_kernel
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
@@ -199,6 +199,7 @@ def _forward_recurrence(a: torch.Tensor, h: torch.Tensor) -> None:
         h[t].addcmul_(a[t], h[t - 1])
 
 
+@autocast_off
 def selective_scan(
     u,
     delta,
@@ -238,6 +239,7 @@ def selective_scan(
     return (out, last) if return_last_state else out
 
 
+@autocast_off
 def selective_state_update(
     state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, backend: str = "auto"
 ):

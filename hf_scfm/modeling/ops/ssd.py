@@ -32,7 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import compute_dtype, resolve_kernel
+from .dispatch import autocast_off, compute_dtype, resolve_kernel
 
 
 # The PyTorch path tiles time in chunks of at most this many steps, whatever ``chunk_size`` says.
@@ -129,6 +129,7 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~causal, float("-inf"))
 
 
+@autocast_off
 def ssd_scan(
     x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
     dt_softplus=False, return_final_states=False, *, backend: str = "auto",
@@ -200,6 +201,7 @@ def ssd_scan(
     return out
 
 
+@autocast_off
 def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, *, backend: str = "auto"):
     """One recurrent step for generation: ``state`` ``[batch, H, P, N]`` (updated in place), ``x``
     and ``z`` ``[batch, H, P]``, ``dt`` ``[batch, H]``, ``B``/``C`` ``[batch, G, N]``. Returns ``y``
