@@ -339,9 +339,6 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer.model_max_length = args.max_length
     tokenizer.save_pretrained(out)
     if not args.lora or args.merge:
-        from .remote_code import export_remote_code
-
-        export_remote_code(out, family)
         _write_card(out, model.config, tokenizer, args, label_names, metrics)
     return {"out": str(out), "metrics": metrics, "num_labels": len(label_names), "trainable_params": trainable}
 

@@ -32,8 +32,8 @@ Choices, and why:
   ``--eval-fraction``: stable across runs, ranks, shard layouts and streaming, with no index to store.
 * **Outputs.** ``out/metrics.jsonl`` (one JSON object per logging step and evaluation), TensorBoard event files
   when ``tensorboard`` is installed, a tqdm bar on the main process, and at the end ``save_pretrained`` of the
-  pretraining model + tokenizer, the rendered model card (``README.md``), ``loss_curve.png`` and the flattened
-  modeling code for ``trust_remote_code`` loading (:mod:`hf_scfm.training.remote_code`).
+  pretraining model + tokenizer (which also writes the modeling code and ``auto_map`` for ``trust_remote_code``
+  loading), the rendered model card (``README.md``) and ``loss_curve.png``.
 * **Hub.** ``--push-to-hub --hub-model-id ORG/NAME`` queues each checkpoint on a background uploader
   (:class:`hf_scfm.training.hub.CheckpointPusher`, ``--hub-strategy every_save|end``) so training never waits,
   and pushes the final folder (its top-level files: no checkpoints) at the end.
@@ -395,15 +395,12 @@ def evaluate_loss(model, held, collator, args, accelerator) -> float | None:
 
 
 def _save_model_files(accelerator, model, tokenizer, folder: Path, family) -> None:
-    """``save_pretrained`` of model + tokenizer + remote code. Call on every process: the full state dict is
-    gathered collectively (needed under FSDP/DeepSpeed ZeRO-3), then only the main process writes."""
-    from .remote_code import export_remote_code
-
+    """``save_pretrained`` of model + tokenizer (which write the remote code too). Call on every process: the full
+    state dict is gathered collectively (needed under FSDP/DeepSpeed ZeRO-3), then only the main process writes."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-        export_remote_code(folder, family)
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, family, args, step: int,
