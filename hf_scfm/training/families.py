@@ -40,6 +40,9 @@ class Family:
     default_objective: str
     #: Names of the classification head's top-level modules (LoRA ``modules_to_save``: trained in full).
     classifier_modules: tuple[str, ...]
+    #: The config field the perturbation head's value scale lives in (SC-MAMBA2's ``value_scale`` also scales the
+    #: inputs; the others divide the head's output by ``perturbation_value_scale``).
+    perturbation_scale_key: str = "perturbation_value_scale"
 
     @property
     def package(self) -> str:
@@ -125,6 +128,7 @@ FAMILIES: dict[str, Family] = {
         },
         default_objective="masked_expression",
         classifier_modules=("classifier",),
+        perturbation_scale_key="value_scale",
     ),
     "cellfm": Family(
         name="cellfm",
