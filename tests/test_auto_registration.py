@@ -99,3 +99,24 @@ def test_masked_expression_heads_are_not_masked_lm(tmp_path):
     assert type(AutoModelForMaskedLM.from_config(mouse)).__name__ == "MouseGeneMambaForMaskedLM"
     with pytest.raises(ValueError, match="Unrecognized configuration class"):
         hf_scfm.AutoModelForMaskedExpression.from_config(mouse)
+
+
+def test_transformers_internals_we_rely_on_are_there():
+    """A direct, readable failure when a transformers release renames what the lazy registration and remote code
+    use (the functional tests above would fail too, less clearly)."""
+    import inspect
+
+    from transformers import PreTrainedConfig, PreTrainedModel
+    from transformers.dynamic_module_utils import custom_object_save
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.auto_factory import _LazyAutoMapping
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    mapping = modeling_auto.MODEL_MAPPING
+    assert isinstance(mapping, _LazyAutoMapping)
+    assert isinstance(mapping._reverse_config_mapping, dict) and isinstance(mapping._modules, dict)
+    assert hasattr(mapping._model_mapping, "items") and model_type_to_module_name("scmamba2") == "scmamba2"
+    assert "self._modules[module_name]" in inspect.getsource(_LazyAutoMapping._load_attr_from_module)
+    assert "_auto_class" in vars(PreTrainedModel) and "_auto_class" in vars(PreTrainedConfig)
+    assert "obj._auto_class" in inspect.getsource(custom_object_save)
+    assert '"_is_hf_initialized"' in inspect.getsource(PreTrainedModel._init_weights)

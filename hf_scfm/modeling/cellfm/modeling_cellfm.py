@@ -696,12 +696,6 @@ class CellFMForPerturbationPrediction(CellFMPreTrainedModel):
         self.perturbation_head = CellFMPerturbationHead(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.cellfm.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.cellfm.set_input_embeddings(value)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -930,12 +930,6 @@ class MouseGeneMambaForSequenceClassification(MouseGeneMambaPreTrainedModel):
         )
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.backbone.set_input_embeddings(value)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1013,12 +1007,6 @@ class MouseGeneMambaForPerturbationPrediction(MouseGeneMambaPreTrainedModel):
         self.perturbation_embedding = MouseGeneMambaPerturbationEmbedding(config)
         self.perturbation_head = MouseGeneMambaPerturbationHead(config)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.backbone.set_input_embeddings(value)
 
     def forward(
         self,
