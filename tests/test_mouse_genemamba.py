@@ -92,6 +92,7 @@ def test_public_api_and_auto_classes():
         "MouseGeneMambaForCausalLM",
         "MouseGeneMambaForMaskedLM",
         "MouseGeneMambaForSequenceClassification",
+        "MouseGeneMambaForPerturbationPrediction",
     ):
         assert hasattr(hf_scfm, name), name
     cfg = tiny()
