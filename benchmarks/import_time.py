@@ -39,11 +39,13 @@ def _time(cmd: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def _torch_imported(cmd: list[str]) -> bool | None:
-    """Whether the command imports torch (``-c`` commands only)."""
-    if "-c" not in cmd:
-        return None
-    code = cmd[cmd.index("-c") + 1] + "\nimport sys; print('torch' in sys.modules)"
+def _torch_imported(cmd: list[str]) -> bool:
+    """Whether the command imports torch (the console script is run as ``hf_scfm.cli.main(["--help"])``)."""
+    if "-c" in cmd:
+        code = cmd[cmd.index("-c") + 1]
+    else:
+        code = "from hf_scfm.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    code += "\nimport sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return out.strip().endswith("True")
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_in = _torch_imported(COMMANDS[name])
         print(f"| {name} | {min(values):.2f} | {statistics.median(values):.2f} | "
               f"{statistics.median(values) / torch_median:.2f}x | {min(values) / torch_min:.2f}x | "
-              f"{'-' if torch_in is None else ('yes' if torch_in else 'no')} |")
+              f"{'yes' if torch_in else 'no'} |")
     return 0
 
 
