@@ -9,15 +9,16 @@ weights (``save_pretrained`` copies a modeling file and the files it imports wit
 import nothing else of ours. Code that several families share is therefore copied into each folder, and this
 script keeps every copy equal to its one original.
 
-Two kinds of marker:
+Two kinds of copy:
 
 * **An object**: a comment line ``# Copied from hf_scfm.<module>.<Name>`` directly above a ``def``, a ``class``
   (decorators included) or an assignment, at any indentation. ``<Name>`` may be dotted (``Class.method``). The
   statement below the marker must equal the original statement defining ``<Name>`` (re-indented to the copy's
   indentation), after the replacements ``with A->B, C->D`` (applied to the original, in order) when the marker
   ends with them: ``# Copied from hf_scfm.modeling.x.XRMSNorm with X->Y``.
-* **A whole file**: the file's first line is ``# Copied from hf_scfm.<module>`` (a module, not an object): the
-  rest of the file must equal that module's file (same ``with`` replacements).
+* **A whole file**, listed in :data:`FILE_COPIES` (copy -> original): the copy must be byte-identical to the
+  original. No marker line in the file, on purpose: a model checkpoint and its tokenizer are saved into one flat
+  folder, and both ship ``special_tokens.py``; identical bytes mean it does not matter which is written last.
 
 Originals are read as text (``ast`` finds the statements), nothing is imported, so the check needs no torch.
 """
@@ -33,6 +34,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "hf_scfm"
+#: Whole-file copies (path of the copy -> path of the original, relative to the repository).
+FILE_COPIES = {
+    **{f"hf_scfm/modeling/{family}/special_tokens.py": "hf_scfm/tokenization/special_tokens.py"
+       for family in ("mouse_genemamba", "scmamba2", "cellfm")},
+    "hf_scfm/modeling/scmamba2/conv.py": "hf_scfm/modeling/mouse_genemamba/conv.py",
+    "hf_scfm/modeling/scmamba2/dispatch.py": "hf_scfm/modeling/mouse_genemamba/dispatch.py",
+}
 MARKER = re.compile(r"^(?P<indent>\s*)# Copied from (?P<target>hf_scfm(?:\.\w+)+)(?: with (?P<replace>.+))?\s*$")
 
 
@@ -47,7 +55,6 @@ class Copy:
     target: str
     replacements: list[tuple[str, str]]
     indent: str
-    whole_file: bool
 
 
 def _replacements(text: str | None) -> list[tuple[str, str]]:
@@ -127,9 +134,6 @@ def find_copies(path: Path, root: Path = ROOT) -> list[Copy]:
             continue
         target, indent = match["target"], match["indent"]
         replacements = _replacements(match["replace"])
-        if i == 0 and not indent and not _resolve(target, root)[1]:
-            copies.append(Copy(path, 0, 1, len(lines), target, replacements, "", True))
-            continue
         if tree is None:
             tree = ast.parse("".join(lines))
         start = i + 1
@@ -137,7 +141,7 @@ def find_copies(path: Path, root: Path = ROOT) -> list[Copy]:
                      and min([n.lineno] + [d.lineno for d in getattr(n, "decorator_list", [])]) - 1 == start), None)
         if node is None:
             raise ValueError(f"{path}:{i + 1}: '# Copied from' must stand directly above a def, class or assignment.")
-        copies.append(Copy(path, i, start, node.end_lineno, target, replacements, indent, False))
+        copies.append(Copy(path, i, start, node.end_lineno, target, replacements, indent))
     return copies
 
 
@@ -145,27 +149,30 @@ def expected_text(copy: Copy, root: Path = ROOT) -> str:
     """What the copy's text must be: the original, replaced and re-indented."""
     source_path, names = _resolve(copy.target, root)
     original = source_path.read_text(encoding="utf-8")
-    if copy.whole_file:
-        if names:
-            raise ValueError(f"{copy.path}: a whole-file marker must name a module, got {copy.target!r}.")
-        text = original
-    else:
-        if not names:
-            raise ValueError(f"{copy.path}:{copy.marker_line + 1}: {copy.target!r} is a module; name an object.")
-        span = _statement_span(ast.parse(original), names)
-        if span is None:
-            raise ValueError(f"{copy.path}:{copy.marker_line + 1}: {copy.target!r} is not defined in {source_path}.")
-        body, _ = _dedent(original.splitlines(keepends=True)[span[0]:span[1]])
-        text = "".join(copy.indent + line if line.strip() else line for line in body)
+    if not names:
+        raise ValueError(f"{copy.path}:{copy.marker_line + 1}: {copy.target!r} is a module; name an object (whole "
+                         "files are listed in FILE_COPIES).")
+    span = _statement_span(ast.parse(original), names)
+    if span is None:
+        raise ValueError(f"{copy.path}:{copy.marker_line + 1}: {copy.target!r} is not defined in {source_path}.")
+    body, _ = _dedent(original.splitlines(keepends=True)[span[0]:span[1]])
+    text = "".join(copy.indent + line if line.strip() else line for line in body)
     for old, new in copy.replacements:
         text = text.replace(old, new)
     return text
 
 
-def check(paths=None, fix: bool = False, root: Path = ROOT) -> list[str]:
+def check(paths=None, fix: bool = False, root: Path = ROOT, file_copies: dict[str, str] | None = None) -> list[str]:
     """``"<file>:<line>: <target>"`` for every copy that differs from its original (rewritten with ``fix``)."""
     paths = sorted((root / PACKAGE).rglob("*.py")) if paths is None else [Path(p) for p in paths]
     problems = []
+    for copy_path, original_path in (FILE_COPIES if file_copies is None else file_copies).items():
+        original = (root / original_path).read_text(encoding="utf-8")
+        target = root / copy_path
+        if not target.exists() or target.read_text(encoding="utf-8") != original:
+            problems.append(f"{copy_path}:1: differs from {original_path}")
+            if fix:
+                target.write_text(original, encoding="utf-8")
     for path in paths:
         copies = find_copies(path, root)
         if not copies:

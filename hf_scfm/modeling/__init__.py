@@ -3,8 +3,9 @@
 Each family lives in its own folder, ``hf_scfm/modeling/<model_type>/``, the way transformers' models do:
 ``configuration_<model_type>.py``, ``modeling_<model_type>.py`` and the op files they use, importing only torch,
 transformers, huggingface_hub and each other (``from .x import y``). That folder is what ``save_pretrained`` /
-``push_to_hub`` ship as remote code. Code shared between families is copied into each folder, marked
-``# Copied from hf_scfm.<module>.<Name>`` and kept equal by ``utils/check_copies.py``.
+``push_to_hub`` ship as remote code. Code shared between families is copied into each folder and kept equal to its
+original by ``utils/check_copies.py``: objects marked ``# Copied from hf_scfm.<module>.<Name>``, whole files
+(``special_tokens.py``, SC-MAMBA2's ``conv.py`` / ``dispatch.py``) listed in its ``FILE_COPIES``.
 
 **One Auto mapping.** Each family defines its Auto classes once, as ``<MODEL_TYPE>_AUTO_MAP`` in its configuration
 file (the ``auto_map`` every ``config.json`` gets). This module reads those maps and registers them:

@@ -1,4 +1,3 @@
-# Copied from hf_scfm.tokenization.special_tokens
 """The special tokens every hf-scfm vocabulary starts with, and the value conventions.
 
 Gene tokens follow the special tokens, so these ids are the same for every species and every

@@ -1,4 +1,3 @@
-# Copied from hf_scfm.modeling.mouse_genemamba.conv
 """Depthwise causal 1-D convolution (the short convolution in front of every Mamba scan).
 
 Shapes follow the ``causal_conv1d`` package: ``x`` is ``[batch, channels, length]``, ``weight`` is

@@ -1,4 +1,3 @@
-# Copied from hf_scfm.modeling.mouse_genemamba.dispatch
 """Choosing between our PyTorch ops and the optional CUDA kernels.
 
 The CUDA kernels (``mamba_ssm``, ``causal_conv1d``) are optional extras (``pip install
