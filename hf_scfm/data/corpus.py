@@ -121,7 +121,7 @@ def _tokenize_chunk(tokenizer, counts, gene_ids, n_counts, max_length: int | Non
     """
     if not hasattr(tokenizer, "encode_flat"):
         return _tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length)
-    from .anndata_io import CountSource
+    from ..tokenization.anndata_io import CountSource
 
     # a CountSource: the gene names (a tuple, the same object for every chunk of a source) are not copied
     # or re-checked per chunk, and the tokenizer finds their column map by identity
@@ -211,7 +211,7 @@ def _source_names(expanded) -> list[str]:
 
 
 def _open_backed(path: str):
-    from .anndata_io import read_h5ad
+    from ..tokenization.anndata_io import read_h5ad
 
     return read_h5ad(path, backed=True)
 
@@ -426,7 +426,7 @@ def _build_source(job: dict, progress=None) -> int:
     release the GIL), ``PIPELINE_DEPTH`` chunks at most in flight, so memory stays a few chunks. Chunks are
     written in order, one row group each: the shards are byte-identical to a one-thread build.
     """
-    from .anndata_io import open_count_source
+    from ..tokenization.anndata_io import open_count_source
     from .loading import _read_ahead
 
     tokenizer = job["tokenizer"] if job.get("tokenizer") is not None else _load_tokenizer(job["tokenizer_dir"])

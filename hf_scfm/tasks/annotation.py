@@ -26,7 +26,7 @@ Choices, and why:
   was fine-tuned on selected genes), so the error names the species of the model and the usual fixes (gene
   symbols vs Ensembl IDs, other species) instead of failing inside a batch.
 * **Non-count input** (log-normalised, scaled, negative, NaN, empty cells) is refused by the tokenizer with
-  the message of :func:`hf_scfm.data.anndata_io.validate_counts`; nothing is re-implemented here.
+  the message of :func:`hf_scfm.tokenization.anndata_io.validate_counts`; nothing is re-implemented here.
 * The input AnnData is not modified: a copy carries the annotations (the expression matrix is shared data
   copied once; what a user writes to ``--out`` is exactly the query plus the new fields).
 """

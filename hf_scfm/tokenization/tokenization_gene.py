@@ -20,7 +20,7 @@ Choices, written down:
   (:meth:`GeneTokenizer.fit_medians`). ``use_unit_medians()`` ranks by ``x_norm`` alone on purpose. Genes
   without a fitted median (never expressed in the fitting corpus) use a median of 1.0.
 * **Duplicate genes after mapping** are summed, with a warning (see :mod:`gene_tables`).
-* **Cells with no counts** are an error (see :mod:`hf_scfm.data.anndata_io`).
+* **Cells with no counts** are an error (see :mod:`hf_scfm.tokenization.anndata_io`).
 * **Too few matching genes**: an error when under ``min_match_rate`` (default 0.5) of the input genes
   match or when fewer than ``min_genes`` (default 1) do.
 * **A gene subset** (:meth:`GeneTokenizer.select_genes`, e.g. the highly variable genes of a reference via
@@ -314,7 +314,7 @@ class GeneTokenizer(TokenizersBackend):
         import pandas as pd
         import scipy.sparse as sp
 
-        from ..data.anndata_io import iter_count_chunks, log_normalize_counts, open_count_source
+        from .anndata_io import iter_count_chunks, log_normalize_counts, open_count_source
 
         if n_top_genes < 1:
             raise ValueError(f"n_top_genes must be >= 1, got {n_top_genes}.")
@@ -391,7 +391,7 @@ class GeneTokenizer(TokenizersBackend):
         Genes never expressed in ``data`` get no median (1.0 is used for them when encoding).
         Returns the medians and sets them on the tokenizer.
         """
-        from ..data.anndata_io import iter_count_chunks, open_count_source
+        from .anndata_io import iter_count_chunks, open_count_source
 
         sources = data if isinstance(data, (list, tuple)) else [data]
         check = self.check_counts if check_counts is None else check_counts
@@ -456,7 +456,7 @@ class GeneTokenizer(TokenizersBackend):
         elif gene_ids is not None:
             names = gene_ids
         else:
-            from ..data.anndata_io import open_count_source
+            from .anndata_io import open_count_source
 
             names = open_count_source(data).var_names
         return self._column_map(names)[1]
@@ -549,7 +549,7 @@ class GeneTokenizer(TokenizersBackend):
                           n_counts=None, check_counts=None, chunk_size=None, flat=False):
         """``(gene sentences per chunk, prefix ids, suffix ids)`` of ``cells`` (see :meth:`__call__`); with
         ``flat``, per chunk the flat arrays of :func:`encodings.flatten_sentences` (specials included, int32 ids)."""
-        from ..data.anndata_io import CountSource, iter_count_chunks, open_count_source
+        from .anndata_io import CountSource, iter_count_chunks, open_count_source
 
         prefix = [self._token_to_id[t] for t in self.prefix_tokens]
         suffix = [self._token_to_id[t] for t in self.suffix_tokens]
