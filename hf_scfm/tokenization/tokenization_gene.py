@@ -236,9 +236,6 @@ class GeneTokenizer(TokenizersBackend):
             check_counts=self.check_counts,
             chunk_size=self.chunk_size,
             gene_subset=self.gene_subset,
-            vocab_checksum=self.vocab_checksum,
-            gene_table_checksum=None,  # saved as the property's value, see save_pretrained's use of init_kwargs
-            has_medians=self.medians_fitted,
             **kwargs,
         )
 
@@ -283,6 +280,28 @@ class GeneTokenizer(TokenizersBackend):
             with open(path, encoding="utf-8") as fh:
                 kwargs["vocab"] = json.load(fh)["model"]["vocab"]
         return kwargs
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``transformers``' ``save_pretrained`` (``push_to_hub`` calls it too), with the checksums and the medians
+        flag added to ``tokenizer_config.json`` for the checks on loading. They are added for the save only: the
+        init kwargs (what the corpus builder compares as the tokenizer's settings) stay as they were."""
+        init_kwargs = self.init_kwargs
+        self.init_kwargs = {**init_kwargs, "vocab_checksum": self.vocab_checksum,
+                            "gene_table_checksum": self.gene_table_checksum, "has_medians": self.medians_fitted}
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.init_kwargs = init_kwargs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *init_inputs, **kwargs):
+        """``transformers``' ``from_pretrained``; a garbled ``tokenizer_config.json`` (which it parses first) is
+        named in the error. Every other check is in :meth:`_from_pretrained` and ``__init__``."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *init_inputs, **kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{pretrained_model_name_or_path}: tokenizer_config.json is not valid JSON ({err}). Save "
+                             "the tokenizer again (tokenizer.save_pretrained) or download the file again.") from err
 
     @classmethod
     def _from_pretrained(cls, resolved_vocab_files, pretrained_model_name_or_path, init_configuration, *init_inputs,
