@@ -155,6 +155,7 @@ class _Source:
     path: str | None
     adata: Any
     n_cells: int
+    description: str | None = None  # the AnnData's uns["source"] (dataset and licence), for model cards
 
 
 def _expand_inputs(inputs) -> list[tuple[str | None, str | None, Any]]:
@@ -250,7 +251,8 @@ def _scan_sources(expanded, names, obs_columns) -> tuple[list[_Source], dict[str
                         "a column needs one type across the corpus (convert it in the inputs)."
                     )
                 kind_from.setdefault(col, path or name)
-            sources.append(_Source(i, name, path, adata, int(obj.n_obs)))
+            described = obj.uns.get("source") if hasattr(obj, "uns") else None
+            sources.append(_Source(i, name, path, adata, int(obj.n_obs), str(described) if described else None))
         finally:
             if adata is None and getattr(obj, "file", None) is not None:
                 obj.file.close()
@@ -326,6 +328,7 @@ def _expected_meta(source: _Source, shard: int, start: int, stop: int, settings,
         "tokenizer": settings,
         "source_file": source.name,
         "source_index": source.index,
+        "source_description": source.description,
         "shard": shard,
         "cell_range": [start, stop],
         "obs_columns": dict(obs_kinds),
