@@ -164,6 +164,7 @@ def test_snippet_repo_ids_are_valid_or_an_explicit_placeholder():
     assert 'from_pretrained("your-org/scmamba2", trust_remote_code=True)' in remote and "import hf_scfm" not in remote
 
 
+@pytest.mark.slow
 def test_cards_from_real_pretraining_and_finetuning_runs(tmp_path):
     """A tiny pretraining run and a full fine-tuning run on Baron human cells: the cards they write carry the
     measured results in model-index, valid repo ids, no URL, and the training data with its licence."""
