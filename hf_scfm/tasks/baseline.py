@@ -24,7 +24,8 @@ def _require_sklearn():
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError as err:
-        raise ImportError('The logistic-regression baseline needs scikit-learn: pip install -e ".[plots]"') from err
+        raise ImportError("The logistic-regression baseline needs scikit-learn (a dependency of hf-scfm): "
+                          "pip install scikit-learn") from err
     return LogisticRegression
 
 

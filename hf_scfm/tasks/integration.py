@@ -35,7 +35,6 @@ DANN's ramp of lambda (``schedule_steps``) is available but off by default (it d
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch

@@ -341,7 +341,8 @@ class GeneTokenizer(TokenizersBackend):
             if not isinstance(medians, dict):
                 raise TypeError("'medians' is not a {gene: median} object")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} is not a readable gene medians file ({type(err).__name__}: {err}). {fix}") from err
+            raise ValueError(f"{path} is not a readable gene medians file ({type(err).__name__}: {err}). "
+                             f"{fix}") from err
         if payload.get("vocab_checksum", self.vocab_checksum) != self.vocab_checksum:
             raise ValueError(f"{path} was fitted for another vocabulary (its vocab_checksum differs from this "
                              f"tokenizer's). {fix}")
