@@ -100,19 +100,19 @@ def finetune_and_annotate(pretrained: Path, family_name: str, train, test, work:
     train.write_h5ad(train_h5ad)
     from hf_scfm.quickstart import FINETUNE_OPTIONS  # the main job's choices, benchmarked here
 
-    extra = list(FINETUNE_OPTIONS.get(family_name, ()))
+    options = dict(FINETUNE_OPTIONS.get(family_name, {}))
     if args.n_top_genes:  # re-selected on the training cells of the split (what a user's reference would give)
-        extra += ["--n-top-genes", str(args.n_top_genes)]
+        options["n_top_genes"] = args.n_top_genes
         if train.obs["batch"].astype(str).nunique() > 1:
-            extra += ["--hvg-batch-key", "batch"]
+            options["hvg_batch_key"] = "batch"
     finetune_classifier(pretrained, train_h5ad, work / "classifier",
                         steps=args.finetune_steps or FINETUNE_STEPS[family_name],
                         batch_size=args.batch_size, learning_rate=args.finetune_lr, lora=args.lora, seed=args.seed,
-                        extra=extra)
+                        options=options)
     loaded = load_model_and_tokenizer(work / "classifier", kind="classifier")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        annotated = annotate(loaded, test, label_key="cell_type", progress=False)
+        annotated = annotate(loaded, test, label_key="cell_type", progress=False, copy=True)
     return dict(annotated.uns[METRICS_KEY])
 
 
@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     table = aggregate(rows)
     lengths = args.max_length or ", ".join(f"{k} {v}" for k, v in MAX_LENGTH.items() if k in args.families)
     steps = args.finetune_steps or ", ".join(f"{k} {v}" for k, v in FINETUNE_STEPS.items() if k in args.families)
-    options = "; ".join(f"{k}: {' '.join(v)}" for k, v in FINETUNE_OPTIONS.items() if k in args.families and v)
+    options = "; ".join(f"{k}: {', '.join(f'{n}={x}' for n, x in v.items())}" for k, v in FINETUNE_OPTIONS.items()
+                        if k in args.families and v)
     settings = (f"tiny presets, max_length {lengths}, genes read: "
                 f"{args.n_top_genes or 'all'} most variable (per training donor), "
                 f"{options or 'no family options'}, pretraining {args.pretrain_steps} "

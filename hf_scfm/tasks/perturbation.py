@@ -232,11 +232,10 @@ def predict_perturbation(model, tokenizer, adata, conditions, *, n_control_cells
 
 
 def pearson_delta(predicted_delta, measured_delta) -> float:
-    """Pearson correlation of two change vectors; 0.0 when either is constant (correlation undefined)."""
-    a = np.asarray(predicted_delta, dtype=np.float64) - np.mean(predicted_delta)
-    b = np.asarray(measured_delta, dtype=np.float64) - np.mean(measured_delta)
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 1e-12 else 0.0
+    """Pearson correlation of two change vectors; 0.0 when either is constant (the ``perturbation`` metric's)."""
+    from ..metrics.perturbation.perturbation import pearson_delta as metric_pearson_delta
+
+    return metric_pearson_delta(predicted_delta, measured_delta)
 
 
 def perturbation_metrics(predicted: np.ndarray, measured: np.ndarray, control: np.ndarray, n_de: int = 20,
@@ -245,17 +244,10 @@ def perturbation_metrics(predicted: np.ndarray, measured: np.ndarray, control: n
     largest measured ``|change|``), ``mse`` and ``mse_de`` of the profiles, and ``pearson_delta_downstream``:
     Pearson delta over all genes except the ``perturbed`` positions. A knocked-down gene's own drop is the
     largest change of its condition and easy to predict from the flag alone; the downstream figure shows whether
-    the model knows the gene's targets."""
-    predicted, measured, control = (np.asarray(x, dtype=np.float64) for x in (predicted, measured, control))
-    de = np.argsort(-np.abs(measured - control), kind="stable")[:n_de]
-    rest = np.setdiff1d(np.arange(len(measured)), np.asarray(perturbed, dtype=np.int64))
-    return {
-        "pearson_delta": pearson_delta(predicted - control, measured - control),
-        "pearson_delta_de": pearson_delta(predicted[de] - control[de], measured[de] - control[de]),
-        "pearson_delta_downstream": pearson_delta(predicted[rest] - control[rest], measured[rest] - control[rest]),
-        "mse": float(np.mean((predicted - measured) ** 2)),
-        "mse_de": float(np.mean((predicted[de] - measured[de]) ** 2)),
-    }
+    the model knows the gene's targets. Computed by the ``perturbation`` metric (``hf_scfm/metrics/perturbation``)."""
+    from ..metrics.perturbation.perturbation import condition_scores
+
+    return condition_scores(predicted, measured, control, n_de, perturbed)
 
 
 def evaluate_perturbation(model, tokenizer, data: PerturbationData, split: dict, *, n_de: int = 20,
