@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_scfm import cli
 from hf_scfm.data import DataCollatorForPerturbation
 from hf_scfm.tasks import perturbation as P
 from hf_scfm.tasks.grn_simulation import simulate_perturb_seq
@@ -221,9 +222,9 @@ def run(request, tmp_path_factory):
     tiny_model(family, tok).save_pretrained(root / "pretrained")
     tok.save_pretrained(root / "pretrained")
     adata.write_h5ad(root / "pert.h5ad")
-    rc = P.main(["--model", str(root / "pretrained"), "--data", str(root / "pert.h5ad"), "--out", str(root / "out"),
-                 "--max-steps", "60", "--learning-rate", "2e-3", "--n-control-cells", "48",
-                 "--reverse-candidates", "3"])
+    rc = cli.main(["perturb", "--model", str(root / "pretrained"), "--data", str(root / "pert.h5ad"),
+                   "--out", str(root / "out"), "--max-steps", "60", "--learning-rate", "2e-3",
+                   "--n-control-cells", "48", "--reverse-candidates", "3"])
     assert rc == 0
     return family, root, json.loads((root / "out" / "metrics.json").read_text())
 
@@ -289,6 +290,11 @@ def test_reverse_perturbation_finds_easy_targets(run):
         assert len(metrics["reverse"]["candidates"]) == 3 and set(metrics["reverse"]["hit_rate"]) == {"1", "5", "10"}
 
 
+def test_the_python_api_takes_the_command_lines_dataclass(tmp_path):
+    func, (args,) = cli.parse(["perturb", "--model", "m", "--data", "d.h5ad", "--out", "o", "--max-steps", "7"])
+    assert func is P.perturb and args == P.PerturbArguments(model="m", data="d.h5ad", out="o", max_steps=7)
+
+
 def test_command_errors_are_one_line(tmp_path, sim, capsys):
     tok = tokenizer_for(sim, "cellfm")
     tiny_model("cellfm", tok).save_pretrained(tmp_path / "m")
@@ -296,7 +302,8 @@ def test_command_errors_are_one_line(tmp_path, sim, capsys):
     bad = sim.copy()
     del bad.obs["condition"]
     bad.write_h5ad(tmp_path / "bad.h5ad")
-    rc = P.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "bad.h5ad"), "--out", str(tmp_path / "o")])
+    rc = cli.main(["perturb", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "bad.h5ad"),
+                   "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "hf-scfm perturb: error: The perturbation data has no obs column 'condition'" in capsys.readouterr().err
 

@@ -24,7 +24,7 @@ In the order a run uses them:
   doubles, *additive* (control + the sum of the two measured single changes when both singles were trained on; the
   training mean otherwise). The "no change" baseline predicts a zero change, whose correlation is undefined: it is
   reported as 0.0, with its MSE.
-* ``hf-scfm perturb`` (:func:`perturb`) runs all of it and writes the fine-tuned model (``save_pretrained``, with
+* ``hf-scfm perturb`` (:func:`perturb` of :class:`PerturbArguments`, the same call in Python) runs all of it and writes the fine-tuned model (``save_pretrained``, with
   its tokenizer: reload it with :func:`hf_scfm.tasks.inference.load_model_and_tokenizer`), metrics and a plot.
 
 AnnData convention (scanpy's): :func:`predict_perturbation` with ``inplace=True`` (default) writes
@@ -39,9 +39,8 @@ every gene with its log1p value and per-condition flags.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +75,8 @@ __all__ = [
     "pearson_delta",
     "perturbation_metrics",
     "evaluate_perturbation",
-    "add_perturb_parser",
+    "PerturbArguments",
     "perturb",
-    "main",
 ]
 
 #: Default key of :func:`predict_perturbation`'s results in ``adata.varm`` / ``adata.uns``.
@@ -295,34 +293,25 @@ def evaluate_perturbation(model, tokenizer, data: PerturbationData, split: dict,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def add_perturb_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="pretrained hf-scfm checkpoint")
-    parser.add_argument("--data", required=True, metavar="H5AD", help="GEARS-layout perturbation data (raw counts)")
-    parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--condition-key", default="condition")
-    parser.add_argument("--control", default=CONTROL, help="label of the control cells")
-    parser.add_argument("--test-gene-fraction", type=float, default=0.25)
-    parser.add_argument("--max-steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--n-control-cells", type=int, default=128, help="control cells averaged per prediction")
-    parser.add_argument("--reverse-candidates", type=int, default=0, metavar="N",
-                        help="also run reverse perturbation over N perturbed genes (all their 1- and 2-gene "
-                             "combinations) against the test conditions; 0 = skip")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
+@dataclass
+class PerturbArguments:
+    """What ``hf-scfm perturb`` takes (``perturb(PerturbArguments(...))`` in Python): a pretrained checkpoint and a
+    GEARS-layout h5ad in; the fine-tuned perturbation model, metrics and a plot out."""
 
-
-def add_perturb_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``perturb`` to an ``argparse`` subparsers object (handler: :func:`perturb_command`)."""
-    parser = subparsers.add_parser(
-        "perturb", help="fine-tune and evaluate perturbation prediction (GEARS/Norman layout)",
-        description="Fine-tune a pretrained hf-scfm checkpoint on control->perturbed pairs, predict held-out "
-                    "single and double perturbations, write metrics (Pearson delta) and a plot.",
-    )
-    add_perturb_arguments(parser)
-    parser.set_defaults(func=perturb_command)
-    return parser
+    model: str = field(metadata={"metavar": "DIR_OR_REPO", "help": "pretrained hf-scfm checkpoint"})
+    data: str = field(metadata={"metavar": "H5AD", "help": "GEARS-layout perturbation data (raw counts)"})
+    out: str = field(metadata={"metavar": "DIR", "help": "output folder: model/, metrics.json, CSVs, a PNG"})
+    condition_key: str = field(default="condition", metadata={"help": "obs column of the conditions"})
+    control: str = field(default=CONTROL, metadata={"help": "label of the control cells"})
+    test_gene_fraction: float = field(default=0.25, metadata={"help": "singly perturbed genes held out"})
+    max_steps: int = field(default=300, metadata={"help": "fine-tuning steps"})
+    batch_size: int = field(default=16, metadata={"help": "control -> perturbed pairs per step"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine schedule)"})
+    n_control_cells: int = field(default=128, metadata={"help": "control cells averaged per prediction"})
+    reverse_candidates: int = field(default=0, metadata={
+        "metavar": "N", "help": "also run reverse perturbation over N perturbed genes (all their 1- and 2-gene "
+                                "combinations) against the test conditions; 0 = skip"})
+    seed: int = field(default=0, metadata={"help": "split, pairing, initialisation and control-cell sample"})
 
 
 def _plot(evaluation: dict, control: np.ndarray, path: Path) -> None:
@@ -346,8 +335,11 @@ def _plot(evaluation: dict, control: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def perturb(args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``hf-scfm perturb``; returns ``{"out", "summary", "split", "reverse"}``."""
+def perturb(args: PerturbArguments) -> dict[str, Any]:
+    """``hf-scfm perturb``: read, split, build, fine-tune, evaluate (and optionally reverse-rank), write
+    ``args.out`` (``model/`` as a plain checkpoint with its tokenizer, ``metrics.json``, ``per_condition.csv``,
+    ``predicted_profiles.csv``, ``predicted_vs_measured_delta.png``), print a summary; returns ``{"out", "summary",
+    "split", "reverse"}``. Bad inputs raise ``ValueError`` / ``FileNotFoundError`` naming the fix."""
     from ..tokenization import GeneTokenizer
     from ..training.finetune import resolve_checkpoint
 
@@ -387,34 +379,11 @@ def perturb(args: argparse.Namespace) -> dict[str, Any]:
     metrics = {"summary": evaluation["summary"], "split": split, "reverse": reverse,
                "train_loss": [h["loss"] for h in history if "loss" in h]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    return {"out": str(out), "summary": evaluation["summary"], "split": split, "reverse": reverse}
-
-
-def perturb_command(args: argparse.Namespace) -> int:
-    """Handler of ``hf-scfm perturb``: one-line errors for bad inputs, 0 on success."""
-    from ..training.hub import CheckpointError
-
-    try:
-        result = perturb(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
-        print(f"hf-scfm perturb: error: {err}", file=sys.stderr)
-        return 2
-    s = result["summary"]
     for method in ("model", "train_mean", "additive", "no_change"):
-        row = s.get(method, {}).get("all", {})
+        row = evaluation["summary"].get(method, {}).get("all", {})
         print(f"{method:>10}: Pearson delta {row.get('pearson_delta', float('nan')):.3f}, top-20 DE "
               f"{row.get('pearson_delta_de', float('nan')):.3f}, MSE {row.get('mse', float('nan')):.4f}")
-    if result["reverse"]:
-        print(f"reverse perturbation hit rate: {result['reverse']['hit_rate']}")
-    print(f"Wrote {result['out']}/metrics.json, per_condition.csv, predicted_vs_measured_delta.png and model/")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-scfm perturb")
-    add_perturb_arguments(parser)
-    return perturb_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    if reverse:
+        print(f"reverse perturbation hit rate: {reverse['hit_rate']}")
+    print(f"Wrote {out}/metrics.json, per_condition.csv, predicted_vs_measured_delta.png and model/")
+    return {"out": str(out), "summary": evaluation["summary"], "split": split, "reverse": reverse}
