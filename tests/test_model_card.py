@@ -189,7 +189,7 @@ def test_cards_from_real_pretraining_and_finetuning_runs(tmp_path):
 
     h5ad = tmp_path / "train.h5ad"
     small_adata("human", n_cells=48).write_h5ad(h5ad)
-    run_result = finetune(ft_args(tmp_path / "pretrained", h5ad, tmp_path / "clf", "--no-lora"))
+    run_result = finetune(*ft_args(tmp_path / "pretrained", h5ad, tmp_path / "clf", "--no-lora"))
     meta, text = check(tmp_path / "clf" / "README.md", "your-org/cellfm-annotate")
     got = {m["type"]: m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
     want = {k.removeprefix("eval_"): v for k, v in run_result["metrics"].items()
