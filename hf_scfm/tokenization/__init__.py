@@ -3,7 +3,8 @@
 The folder is self-contained: its modules import only each other (same-folder imports) and third-party
 packages, so ``GeneTokenizer.save_pretrained`` can ship them as the tokenizer's remote code. Names are
 exported lazily (importing this package imports neither transformers nor torch); registering
-``GeneTokenizer`` with ``AutoTokenizer`` is done once, by ``hf_scfm``'s top-level package.
+``GeneTokenizer`` with ``AutoTokenizer`` is done once, lazily, by :func:`hf_scfm.modeling.register_auto_classes`
+(which ``import hf_scfm`` sets up).
 """
 
 from __future__ import annotations

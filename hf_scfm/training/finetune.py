@@ -349,9 +349,6 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         tokenizer.model_max_length = args.max_length
     tokenizer.save_pretrained(out)
     if not args.lora or args.merge:
-        from .remote_code import export_remote_code
-
-        export_remote_code(out, family)
         _write_card(out, model.config, tokenizer, args, training_args, label_names, metrics)
     print(f"Saved to {out}; metrics: {json.dumps(metrics, sort_keys=True)}")
     return {"out": str(out), "metrics": metrics, "num_labels": len(label_names), "trainable_params": trainable}

@@ -324,15 +324,12 @@ def evaluate_loss(model, held, collator, batch_size: int, max_batches: int, acce
 
 
 def _save_model_files(accelerator, model, tokenizer, folder: Path, family) -> None:
-    """``save_pretrained`` of model + tokenizer + remote code. Call on every process: the full state dict is
-    gathered collectively (needed under FSDP/DeepSpeed ZeRO-3), then only the main process writes."""
-    from .remote_code import export_remote_code
-
+    """``save_pretrained`` of model + tokenizer (which write the remote code too). Call on every process: the full
+    state dict is gathered collectively (needed under FSDP/DeepSpeed ZeRO-3), then only the main process writes."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-        export_remote_code(folder, family)
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, family, run: dict, out: Path, step: int,
