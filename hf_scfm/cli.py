@@ -36,7 +36,8 @@ COMMANDS: dict[str, tuple[str, str | None, tuple[str, ...], str]] = {
                  "annotate cell types of an h5ad with a fine-tuned classifier"),
     "embed": ("hf_scfm.tasks.embedding", "embed_h5ad", ("EmbedArguments",),
               "cell (and gene) embeddings of an h5ad, with a UMAP"),
-    "perturb": ("hf_scfm.tasks.perturbation", None, (), "fine-tune and evaluate perturbation prediction"),
+    "perturb": ("hf_scfm.tasks.perturbation", "perturb", ("PerturbArguments",),
+                "fine-tune and evaluate perturbation prediction (GEARS/Norman layout)"),
 }
 
 #: Errors that mean "the input is wrong": one line, exit status 2.

@@ -160,7 +160,8 @@ sys.path[:] = [p for p in sys.path if p not in ("", ".")]
 @pytest.fixture
 def python_without_hf_scfm(tmp_path):
     """Run Python code in a subprocess where ``hf_scfm`` cannot be imported (but torch, transformers and
-    huggingface_hub can): ``run(code, timeout=120) -> subprocess.CompletedProcess`` (text, captured output).
+    huggingface_hub can): ``run(code, timeout=120) -> subprocess.CompletedProcess`` (text, captured output). The
+    interpreter runs isolated (``python -I``: no ``PYTHON*`` variables, no user site, no script folder on the path).
 
     The subprocess inherits the current environment, so inside a test that also uses ``hub_server`` it talks to
     the local Hub (``HF_ENDPOINT`` and friends are set before its interpreter starts). ``hf_scfm`` is hidden by a
@@ -176,7 +177,7 @@ def python_without_hf_scfm(tmp_path):
 
     def run(code: str, timeout: float = 120):
         return subprocess.run(
-            [sys.executable, "-c", _HIDE_HF_SCFM + code],
+            [sys.executable, "-I", "-c", _HIDE_HF_SCFM + code],
             cwd=workdir, capture_output=True, text=True, timeout=timeout,
         )
 

@@ -40,12 +40,7 @@ LEVELS = {
 
 #: (importer, imported) pairs allowed to run upward for now, each with the reason. The test fails when one of them
 #: no longer occurs, so the list only shrinks.
-KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # The "tokenizer-hub" branch moves anndata_io to hf_scfm/tokenization/anndata_io.py (the io level): remove
-    # these two when it lands.
-    ("hf_scfm.tokenization.tokenization_gene", "hf_scfm.data"): "anndata_io moves to tokenization/",
-    ("hf_scfm.tokenization.tokenization_gene", "hf_scfm.data.anndata_io"): "anndata_io moves to tokenization/",
-}
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def level(module: str) -> int:

@@ -24,6 +24,7 @@ class Source:
     path: str | None
     adata: Any
     n_cells: int
+    description: str | None = None  # the AnnData's uns["source"] (dataset and licence), for model cards
 
 
 def expand_inputs(inputs) -> list[tuple[str | None, str | None, Any]]:
@@ -80,7 +81,7 @@ def source_names(expanded) -> list[str]:
 
 
 def open_backed(path: str):
-    from .anndata_io import read_h5ad
+    from ..tokenization.anndata_io import read_h5ad
 
     return read_h5ad(path, backed=True)
 
@@ -123,7 +124,8 @@ def scan_sources(expanded, names, obs_columns, layer: str | None = None) -> tupl
                         "a column needs one type across the corpus (convert it in the inputs)."
                     )
                 kind_from.setdefault(col, path or name)
-            sources.append(Source(i, name, path, adata, int(obj.n_obs)))
+            described = obj.uns.get("source") if hasattr(obj, "uns") else None
+            sources.append(Source(i, name, path, adata, int(obj.n_obs), str(described) if described else None))
         finally:
             if adata is None and getattr(obj, "file", None) is not None:
                 obj.file.close()

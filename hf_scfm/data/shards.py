@@ -43,7 +43,7 @@ def tokenize_chunk(tokenizer, counts, gene_ids, n_counts, max_length: int | None
         return tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length, cell_names)
     import pandas as pd
 
-    from .anndata_io import CountSource
+    from ..tokenization.anndata_io import CountSource
 
     # a CountSource: the gene names (a tuple, the same object for every chunk of a source) are not copied
     # or re-checked per chunk, and the tokenizer finds their column map by identity
@@ -138,6 +138,7 @@ def expected_meta(source, shard: int, start: int, stop: int, settings, obs_kinds
         "tokenizer": settings,
         "source_file": source.name,
         "source_index": source.index,
+        "source_description": source.description,
         "shard": shard,
         "cell_range": [start, stop],
         "obs_columns": dict(obs_kinds),
@@ -239,7 +240,7 @@ def build_source(job: dict, progress=None) -> int:
     release the GIL), ``PIPELINE_DEPTH`` chunks at most in flight, so memory stays a few chunks. Chunks are
     written in order, one row group each: the shards are byte-identical to a one-thread build.
     """
-    from .anndata_io import open_count_source
+    from ..tokenization.anndata_io import open_count_source
     from .streaming import _read_ahead
 
     tokenizer = job["tokenizer"] if job.get("tokenizer") is not None else load_tokenizer(job["tokenizer_dir"])

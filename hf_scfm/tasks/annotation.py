@@ -26,7 +26,7 @@ Choices, and why:
   was fine-tuned on selected genes), so the error names the species of the model and the usual fixes (gene
   symbols vs Ensembl IDs, other species) instead of failing inside a batch.
 * **Non-count input** (log-normalised, scaled, negative, NaN, empty cells) is refused by the tokenizer with
-  the message of :func:`hf_scfm.data.anndata_io.validate_counts`; nothing is re-implemented here.
+  the message of :func:`hf_scfm.tokenization.anndata_io.validate_counts`; nothing is re-implemented here.
 * **scanpy's convention**, as every task here: :func:`annotate` writes into the AnnData it is given and returns
   ``None``, or with ``copy=True`` writes into a copy and returns it (an ``.h5ad`` path is read into a new
   AnnData, which is returned). ``hf-scfm annotate`` (:func:`annotate_h5ad`, :class:`AnnotateArguments`) writes the

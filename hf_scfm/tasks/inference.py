@@ -85,7 +85,7 @@ def read_cells(cells, *, source: str = "the query"):
     if isinstance(cells, ad.AnnData):
         return cells.to_memory() if cells.isbacked else cells
     if isinstance(cells, (str, Path)):
-        from ..data.anndata_io import read_h5ad
+        from ..tokenization.anndata_io import read_h5ad
 
         return read_h5ad(cells, backed=False)
     raise TypeError(f"{source}: expected an AnnData or an .h5ad path, got {type(cells).__name__}.")

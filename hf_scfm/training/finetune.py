@@ -20,12 +20,9 @@ Choices, and why:
 * **Label map.** A merged or fully fine-tuned model keeps it in ``config.json`` (``id2label``/``label2id``). An
   adapter folder has no ``config.json`` (that is how a PEFT adapter is recognised), so the label map also goes to
   ``label_map.json``; :func:`load_finetuned` reads either.
-* **Metrics.** accuracy, macro-F1, macro precision and macro recall (:func:`classification_metrics`). The issue
-  asks for ``evaluate``, but ``evaluate.load("accuracy")`` downloads the metric script from the Hub and fails
-  offline (checked: ``FileNotFoundError ... doesn't exist on the Hugging Face Hub either``). ``evaluate``'s
-  accuracy/f1/precision/recall scripts call ``sklearn.metrics``, which is not a dependency of hf-scfm, so the
-  same definitions (``average="macro"``, ``zero_division=0``) are computed with NumPy; a test pins them to
-  sklearn.
+* **Metrics.** accuracy, macro-F1, macro precision and macro recall (:func:`classification_metrics`): the
+  ``cell_type_annotation`` ``evaluate`` module shipped in ``hf_scfm/metrics/`` (scikit-learn underneath,
+  ``average="macro"``, ``zero_division=0``), loaded offline from its folder.
 * **Eval cells with labels unseen in training** cannot be scored by a classifier over the training labels: they
   are dropped, with a warning giving their count.
 * **Gene selection** (``--n-top-genes N``): the tokenizer reads only the N most variable genes of the reference
@@ -179,25 +176,17 @@ def cell_records(adata, tokenizer, label_key: str, max_length: int | None, sourc
 
 def classification_metrics(predictions, labels) -> dict[str, float]:
     """accuracy and macro-averaged F1, precision and recall over the classes present in ``labels`` or
-    ``predictions`` (sklearn's ``average="macro"`` with ``zero_division=0``; NumPy only, pinned to sklearn in
-    the tests)."""
+    ``predictions``: the ``cell_type_annotation`` metric (:mod:`hf_scfm.metrics`)."""
     import numpy as np
 
+    from ..metrics import load
+
     predictions, labels = np.asarray(predictions).ravel(), np.asarray(labels).ravel()
-    classes = np.union1d(predictions, labels)
-    tp = np.array([np.sum((predictions == c) & (labels == c)) for c in classes], dtype=np.float64)
-    predicted = np.array([np.sum(predictions == c) for c in classes], dtype=np.float64)
-    actual = np.array([np.sum(labels == c) for c in classes], dtype=np.float64)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {
-        "accuracy": float(np.mean(predictions == labels)) if labels.size else 0.0,
-        "f1_macro": float(f1.mean()) if classes.size else 0.0,
-        "precision_macro": float(precision.mean()) if classes.size else 0.0,
-        "recall_macro": float(recall.mean()) if classes.size else 0.0,
-    }
+    if labels.dtype.kind in "iu" and predictions.dtype.kind in "iu":
+        predictions, labels = predictions.astype(np.int64), labels.astype(np.int64)
+    else:
+        predictions, labels = predictions.astype(str), labels.astype(str)
+    return load("cell_type_annotation").compute(predictions=predictions.tolist(), references=labels.tolist())
 
 
 def compute_metrics(eval_pred) -> dict[str, float]:
@@ -384,9 +373,6 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         tokenizer.model_max_length = args.max_length
     tokenizer.save_pretrained(out)
     if not args.lora or args.merge:
-        from .remote_code import export_remote_code
-
-        export_remote_code(out, family)
         _write_card(out, model.config, tokenizer, args, training_args, label_names, metrics)
     print(f"Saved to {out}; metrics: {json.dumps(metrics, sort_keys=True)}")
     trainer.accelerator.wait_for_everyone()

@@ -401,17 +401,15 @@ def evaluate_loss(model, parts, part_ids, collator, objective, batch_size: int, 
 
 
 def _save_model_files(accelerator, model, tokenizer, folder: Path, family) -> None:
-    """``save_pretrained`` of model + tokenizer + remote code. Call on every process: the full state dict is
-    gathered collectively (needed under FSDP/DeepSpeed ZeRO-3), then only the main process writes."""
+    """``save_pretrained`` of model + tokenizer (which write the remote code too). Call on every process: the full
+    state dict is gathered collectively (needed under FSDP/DeepSpeed ZeRO-3), then only the main process writes."""
     from .distributed import full_model_state_dict
-    from .remote_code import export_remote_code
 
     state_dict = full_model_state_dict(accelerator, model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-        export_remote_code(folder, family)
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, family, run: dict, out: Path, step: int,

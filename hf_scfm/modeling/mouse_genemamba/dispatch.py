@@ -11,9 +11,8 @@ package import, so ``import hf_scfm`` works on any machine. ``backend`` selects 
 
 from __future__ import annotations
 
-import functools
 import importlib
-from functools import lru_cache
+from functools import lru_cache, wraps
 from typing import Any, Callable
 
 import torch
@@ -90,7 +89,7 @@ def autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
     its matmuls and sums run in the op's compute dtype (float32 for bfloat16/float16 inputs), not in bfloat16:
     the scan accumulates in float32 and only its output is in the inputs' dtype."""
 
-    @functools.wraps(fn)
+    @wraps(fn)
     def wrapper(*args, **kwargs):
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         if not torch.is_autocast_enabled(device):
