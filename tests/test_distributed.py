@@ -149,6 +149,11 @@ def test_two_processes_pretrain_what_one_process_pretrains(runs, family):
         assert logged(other, "loss") == pytest.approx(logged(one, "loss"), rel=1e-5)
         assert logged(other, "eval_loss") == pytest.approx(logged(one, "eval_loss"), rel=1e-5)
         assert json.loads((other / "checkpoint-2" / "hf_scfm_training_state.json").read_text())["world_size"] == 2
+    # saved with the model's own class, not torch's FSDP<Class>: our modeling code and auto_map, no torch files
+    for folder in (fsdp, fsdp / "checkpoint-2"):
+        assert sorted(p.name for p in folder.glob("*.py")) == sorted(p.name for p in one.glob("*.py")), folder
+        assert json.loads((folder / "config.json").read_text())["auto_map"] == \
+            json.loads((one / "config.json").read_text())["auto_map"]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

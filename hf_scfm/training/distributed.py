@@ -14,17 +14,21 @@ FSDP's full state dicts.
 * **Full state dicts.** :func:`full_model_state_dict` gathers the whole model (``torch.distributed.checkpoint``'s
   ``get_model_state_dict``, full and offloaded to CPU, on rank 0) for ``save_pretrained``, whether the model was
   sharded here or by Accelerate (FSDP1 or FSDP2); other models go through ``accelerator.get_state_dict``.
+* **Saving a sharded model.** ``fully_shard`` changes the model's class to torch's ``FSDP<Class>`` (defined in a
+  torch module): ``save_pretrained`` would ship that torch module as the remote code and name it in ``auto_map``.
+  :func:`own_class` gives the model its own class back while it is saved.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["accelerator_kwargs", "fsdp_requested", "needs_own_fsdp", "shard_model", "is_fsdp_model",
-           "full_model_state_dict"]
+           "full_model_state_dict", "own_class"]
 
 
 def accelerator_kwargs() -> dict:
@@ -90,3 +94,21 @@ def full_model_state_dict(accelerator, model) -> dict:
     tied = ({n for n, _ in unwrapped.named_parameters(remove_duplicate=False)}
             - {n for n, _ in unwrapped.named_parameters()})  # the second names of shared parameters
     return {k: v for k, v in state.items() if k not in tied}
+
+
+@contextmanager
+def own_class(model):
+    """While in the block, an FSDP2 module is an instance of its own class (``MouseGeneMambaForCausalLM``, not
+    torch's ``FSDPMouseGeneMambaForCausalLM``), so ``save_pretrained`` writes our modeling code and ``auto_map``;
+    other models are left alone. Only for saving: forward/backward need the FSDP class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(model)
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.__class__ = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    try:
+        yield model
+    finally:
+        model.__class__ = cls

@@ -87,7 +87,8 @@ class PretrainArguments:
                                                                      "max_steps), then cosine decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 disables)"})
     mixed_precision: str = field(default="auto", metadata={"choices": ["auto", "no", "bf16", "fp16"],
-                                                           "help": "auto: bf16 on a GPU that supports it, no on CPU"})
+                                                           "help": "auto: accelerate launch's --mixed_precision if given, else bf16 on a "
+                                                                   "GPU that supports it, no on CPU"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     seed: int = field(default=0, metadata={"help": "seed of the weights, the shuffle and the masks"})
     shuffle_buffer: int = field(default=10_000, metadata={"help": "streaming shuffle buffer, in cells (split "
@@ -333,6 +334,8 @@ def _mixed_precision(choice: str) -> str:
 
     if choice != "auto":
         return choice
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):  # accelerate launch --mixed_precision / accelerate config
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
@@ -403,12 +406,12 @@ def evaluate_loss(model, parts, part_ids, collator, objective, batch_size: int, 
 def _save_model_files(accelerator, model, tokenizer, folder: Path, family) -> None:
     """``save_pretrained`` of model + tokenizer (which write the remote code too). Call on every process: the full
     state dict is gathered collectively (needed under FSDP/DeepSpeed ZeRO-3), then only the main process writes."""
-    from .distributed import full_model_state_dict
+    from .distributed import full_model_state_dict, own_class
 
     state_dict = full_model_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        with own_class(accelerator.unwrap_model(model)) as unwrapped:  # not torch's FSDP<Class> under FSDP2
+            unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
 

@@ -212,7 +212,8 @@ class CellFMValueEmbedding(nn.Module):
         self.negative_slope = config.value_embedding_negative_slope
         self.input_proj = nn.Linear(1, b, bias=False)
         self.mix_proj = nn.Linear(b, b, bias=False)
-        self.alpha = nn.Parameter(torch.full((), float(config.value_embedding_alpha_init)))
+        # shape [1], not a scalar: FSDP2 (fully_shard) cannot shard 0-d parameters
+        self.alpha = nn.Parameter(torch.full((1,), float(config.value_embedding_alpha_init)))
         self.output_proj = nn.Linear(b, config.hidden_size, bias=False)
         self.mask_embedding = nn.Parameter(torch.zeros(config.hidden_size))
 
@@ -497,7 +498,7 @@ class CellFMCellValueHead(nn.Module):
         self.gene_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.cell_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.gene_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(()))
+        self.bias = nn.Parameter(torch.zeros(1))  # shape [1], not a scalar: FSDP2 cannot shard 0-d parameters
 
     def forward(self, cell_embedding: torch.Tensor, gene_embeddings: torch.Tensor) -> torch.Tensor:
         genes = self.gene_proj(self.gene_norm(gene_embeddings))
