@@ -76,6 +76,14 @@ def retention_case():
     return op, ref, x
 
 
+@pytest.fixture(autouse=True)
+def no_stream_shutdown_sleep(monkeypatch):
+    """``datasets`` sleeps 5 s after every pass over a shuffled parquet stream (apache/arrow#45214)."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0, raising=False)
+
+
 CASES = {"selective_scan": selective_scan_case, "ssd_scan": ssd_case, "linear_retention": retention_case}
 
 
@@ -100,15 +108,19 @@ def test_ops_under_bf16_autocast_compute_in_float32(name):
     assert torch.isfinite(bf16.float()).all()
 
 
+@pytest.mark.slow  # ~35 s: 6 runs of 50 steps; the fast op tests above pin the float32 accumulation
 def test_bf16_pretraining_tracks_fp32(tmp_path):
     """Every family, 50 steps on real cells (Baron mouse / human), ``--mixed-precision bf16`` vs ``no``: no NaN,
-    and the mean loss of the last 10 steps within 2% of the fp32 run's (same seed, same batches)."""
+    and the mean loss of the last 10 steps within 2% of the fp32 run's (same seed, same batches). Measured gaps:
+    mouse_genemamba 0.005%, scmamba2 0.04%, cellfm 0.02% (last step alone 0.002%, 0.14%, 0.014%)."""
+    from accelerate.state import AcceleratorState
+
     from hf_scfm.cli import main
     from hf_scfm.training.families import FAMILIES
 
     from test_pretrain import small_corpus
 
-    gaps = {}
+    gaps, last = {}, {}
     for family in FAMILIES:
         corpus = small_corpus(tmp_path / "corpus" / family, family)
         losses = {}
@@ -118,13 +130,20 @@ def test_bf16_pretraining_tracks_fp32(tmp_path):
                     "--batch-size", "4", "--save-steps", "1000", "--eval-steps", "0", "--eval-batches", "1",
                     "--logging-steps", "1", "--eval-fraction", "0.05", "--shuffle-buffer", "32",
                     "--learning-rate", "3e-3", "--mixed-precision", precision, "--no-progress"]
-            assert main(["--debug", *argv]) == 0
+            AcceleratorState._reset_state(reset_partial_state=True)  # a new mixed precision in this process
+            try:
+                assert main(["--debug", *argv]) == 0
+            finally:
+                AcceleratorState._reset_state(reset_partial_state=True)
             records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             losses[precision] = [r["loss"] for r in records if "loss" in r]
         assert len(losses["bf16"]) == 50 and all(map(torch.isfinite, torch.tensor(losses["bf16"])))
+        assert losses["bf16"] != losses["no"]  # bf16 autocast was on
         fp32_end, bf16_end = (sum(losses[p][-10:]) / 10 for p in ("no", "bf16"))
         gaps[family] = abs(bf16_end - fp32_end) / fp32_end
-        assert losses["no"][-1] < 0.9 * losses["no"][0]  # the runs learned something
+        last[family] = abs(losses["bf16"][-1] - losses["no"][-1]) / losses["no"][-1]
+        assert losses["no"][-1] < 0.95 * losses["no"][0]  # the runs learned something
     print("\nbf16 vs fp32 loss gap (mean of the last 10 of 50 steps): "
-          + ", ".join(f"{f} {100 * g:.2f}%" for f, g in gaps.items()))
+          + ", ".join(f"{f} {100 * g:.3f}%" for f, g in gaps.items()) + "; last step: "
+          + ", ".join(f"{f} {100 * g:.3f}%" for f, g in last.items()))
     assert max(gaps.values()) < 0.02, gaps
