@@ -241,3 +241,31 @@ def test_sigkill_of_one_process_mid_step_leaves_the_last_checkpoint_loadable(run
     marker.unlink()
     run_here(pretrain_argv(family, corpus, out, 8, "--resume"))
     assert max_weight_difference(runs["root"] / "one" / family, out) <= TOLERANCE
+
+
+def test_readme_scaling_out_lines_parse():
+    """Every ``accelerate launch`` line of the README's "Scaling out" section parses with accelerate's launcher and
+    (pretraining) with ``hf-scfm pretrain``'s parser; its CPU line is the one the tests above launch."""
+    import re
+    import shlex
+
+    from accelerate.commands.launch import launch_command_parser
+
+    from hf_scfm.cli import parse
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Scaling out"):]
+    section = section[: section.index("\n## ", 3)]
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S) for line in block.splitlines()
+             if line.startswith("accelerate launch")]
+    assert len(lines) >= 6
+    for line in lines:
+        argv = shlex.split(line)[2:]
+        launch = launch_command_parser().parse_args(argv)
+        assert launch.module and launch.training_script == "hf_scfm.cli", line
+        if launch.training_script_args[0] == "pretrain":
+            parse(launch.training_script_args)
+    cpu = next(line for line in lines if "--mixed_precision no" in line)
+    expected = accelerate_launch()[2:]
+    port = expected.index("--main_process_port")
+    assert shlex.split(cpu)[2:2 + port] == expected[:port]
