@@ -259,8 +259,13 @@ def test_readme_scaling_out_lines_parse():
     lines = [line for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S) for line in block.splitlines()
              if line.startswith("accelerate launch")]
     assert len(lines) >= 6
+    import accelerate
+    from packaging.version import Version
+
     for line in lines:
         argv = shlex.split(line)[2:]
+        if "--fsdp_version" in argv and Version(accelerate.__version__) < Version("1.6"):
+            continue  # FSDP2 flags came with Accelerate 1.6 (the README says so)
         launch = launch_command_parser().parse_args(argv)
         assert launch.module and launch.training_script == "hf_scfm.cli", line
         if launch.training_script_args[0] == "pretrain":
@@ -269,3 +274,18 @@ def test_readme_scaling_out_lines_parse():
     expected = accelerate_launch()[2:]
     port = expected.index("--main_process_port")
     assert shlex.split(cpu)[2:2 + port] == expected[:port]
+
+
+@pytest.mark.parametrize("env, expected", [({}, (1, True)), ({"FSDP_VERSION": "2"}, (2, True)),
+                                           ({"FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false"}, (2, False))])
+def test_fsdp_launch_settings_are_read_from_the_launch(monkeypatch, env, expected):
+    """What ``accelerate launch --use_fsdp --fsdp_version 2 --fsdp_reshard_after_forward false`` sets (on any
+    supported Accelerate: the plugin has these fields from 1.6, older ones leave them to the environment)."""
+    from hf_scfm.training.distributed import _fsdp_launch_settings
+
+    for key in ("FSDP_VERSION", "FSDP_RESHARD_AFTER_FORWARD", "FSDP_SHARDING_STRATEGY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert _fsdp_launch_settings() == expected

@@ -51,17 +51,15 @@ def needs_own_fsdp(accelerator) -> bool:
 def shard_model(model):
     """``fully_shard`` every block of ``model`` (its classes in ``_no_split_modules``), then ``model`` itself;
     returns ``model`` (now an FSDP2 module). Build the optimizer afterwards: it must see the sharded parameters."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import fully_shard
 
-    plugin = FullyShardedDataParallelPlugin()  # the launch's FSDP_* settings
-    if int(plugin.fsdp_version) != 2:
+    version, reshard = _fsdp_launch_settings()
+    if version != 2:
         raise ValueError(
             "FSDP on CPU processes is FSDP2 (torch's fully_shard); this launch asks for FSDP1. Launch with "
-            "--fsdp_version 2 (or fsdp_version: 2 in the accelerate config)."
+            "--fsdp_version 2 (or fsdp_version: 2 in the accelerate config; with an Accelerate older than 1.6, set "
+            "FSDP_VERSION=2 in the environment)."
         )
-    reshard = plugin.reshard_after_forward
-    reshard = reshard if isinstance(reshard, bool) else str(reshard).upper() not in ("NO_SHARD", "SHARD_GRAD_OP")
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     sharded = 0
     for module in model.modules():
@@ -71,6 +69,22 @@ def shard_model(model):
     fully_shard(model, reshard_after_forward=reshard)
     logger.info("FSDP2 on CPU: %d blocks and the root sharded (reshard_after_forward=%s)", sharded, reshard)
     return model
+
+
+def _fsdp_launch_settings() -> tuple[int, bool]:
+    """``(fsdp_version, reshard_after_forward)`` of the launch: Accelerate's FSDP plugin where it has them
+    (Accelerate >= 1.6), else the ``FSDP_VERSION`` / ``FSDP_RESHARD_AFTER_FORWARD`` / ``FSDP_SHARDING_STRATEGY``
+    variables ``accelerate launch`` sets (version 1 and resharding by default, as Accelerate)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # the launch's FSDP_* settings
+    version = int(getattr(plugin, "fsdp_version", None) or os.environ.get("FSDP_VERSION", "1"))
+    reshard = getattr(plugin, "reshard_after_forward", None)
+    if reshard is None:
+        reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", os.environ.get("FSDP_SHARDING_STRATEGY", "true"))
+    if not isinstance(reshard, bool):
+        reshard = str(reshard).upper() not in ("FALSE", "0", "NO_SHARD", "SHARD_GRAD_OP", "2", "3")
+    return version, reshard
 
 
 def is_fsdp_model(model) -> bool:
