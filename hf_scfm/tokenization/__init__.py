@@ -19,6 +19,7 @@ _EXPORTS = {
     "MappingReport": "gene_tables",
     "load_gene_table": "gene_tables",
     "map_genes": "gene_tables",
+    "map_orthologs": "orthologs",
     "SPECIAL_TOKENS": "special_tokens",
 }
 
@@ -26,6 +27,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .gene_tables import GeneTable, MappingReport, load_gene_table, map_genes
+    from .orthologs import map_orthologs
     from .special_tokens import SPECIAL_TOKENS
     from .tokenization_gene import ENCODINGS, GeneTokenizer
 

@@ -54,7 +54,7 @@ import numpy as np
 from transformers import BatchEncoding
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from .anndata_io import CountSource, iter_count_chunks, log_normalize_counts, open_count_source
+from .anndata_io import CountSource, declared_species, iter_count_chunks, log_normalize_counts, open_count_source
 from .encodings import (
     ColumnMap,
     assemble,
@@ -71,6 +71,7 @@ from .gene_tables import (
     GENE_TABLE_FILE,
     GeneTable,
     canonical_gene_ids,
+    judge_species,
     load_gene_table,
     map_genes,
     normalize_species,
@@ -462,7 +463,7 @@ class GeneTokenizer(TokenizersBackend):
         try:
             src = open_count_source(data, layer=layer)
             colmap, report = self._column_map(src.var_names)
-            self._check_match(report)
+            self._check_match(report, src.species)
             columns = np.flatnonzero(colmap.matched)
             blocks, obs = [], []
             for counts, chunk_obs in iter_count_chunks(src, self.chunk_size, check_counts=self.check_counts):
@@ -535,7 +536,8 @@ class GeneTokenizer(TokenizersBackend):
         keys, n_cells = [], 0
         for source in sources:
             src = open_count_source(source, layer=layer)
-            colmap, _ = self._column_map(src.var_names)
+            colmap, report = self._column_map(src.var_names)
+            self._check_species(report, src.species)
             for counts, obs in iter_count_chunks(src, chunk_size or self.chunk_size, check_counts=check):
                 entries = gather_entries(counts, colmap, obs["n_counts"].to_numpy())
                 xn = entries.x_norm().astype(np.float32)
@@ -585,24 +587,71 @@ class GeneTokenizer(TokenizersBackend):
         genes), e.g. the corpus builder passing one source's names with every chunk."""
         self._last_column_map = (var_names, result) if isinstance(var_names, tuple) else None
 
+    def _names_and_species(self, data, gene_ids=None):
+        """``(gene names, declared species or None)`` of ``data`` (AnnData, h5ad path, or a list of gene names)."""
+        if isinstance(data, (list, tuple)) and gene_ids is None:
+            return data, None
+        if gene_ids is not None:
+            return gene_ids, declared_species(data)
+        src = open_count_source(data)
+        return src.var_names, src.species
+
     def mapping_report(self, data, gene_ids=None):
         """The :class:`MappingReport` of ``data``'s genes (AnnData, h5ad path, or a list of gene names)."""
-        if isinstance(data, (list, tuple)) and gene_ids is None:
-            names = data
-        elif gene_ids is not None:
-            names = gene_ids
-        else:
-            names = open_count_source(data).var_names
-        return self._column_map(names)[1]
+        return self._column_map(self._names_and_species(data, gene_ids)[0])[1]
 
     def check_genes(self, data, gene_ids=None):
-        """The :class:`MappingReport` of ``data``'s genes; ``ValueError`` naming the problem and the fix when too
-        few of them match (the check every encoding call makes, available before any work is done)."""
-        report = self.mapping_report(data, gene_ids)
-        self._check_match(report)
+        """The :class:`MappingReport` of ``data``'s genes; ``ValueError`` naming the problem and the fix when they
+        are another species' genes or too few of them match (the checks every encoding call makes, available
+        before any work is done)."""
+        names, species = self._names_and_species(data, gene_ids)
+        report = self._column_map(names)[1]
+        self._check_match(report, species)
         return report
 
-    def _check_match(self, report) -> None:
+    def _check_species(self, report, declared: str | None = None) -> None:
+        """``ValueError`` when the input's genes are another species' than this tokenizer's vocabulary.
+
+        Decided by evidence (:func:`~hf_scfm.tokenization.gene_tables.judge_species`): the species the data
+        declares (``uns["species"]``), Ensembl ID prefixes, the letter case of the symbols and, when those do not
+        decide, how many names each species' GENCODE table matches. Symbols of the two species often agree up to
+        case (``INS`` / ``Ins``), so matching alone would read a mouse cell into a human model without a word.
+        """
+        evidence = report.species_evidence
+        if self.species is None or evidence is None:
+            return
+        evidence = evidence.with_declared(declared)
+        found, clues = judge_species(evidence, self.species, self._species_table)
+        if found is None:
+            return
+        fixes = []
+        if found in ("human", "mouse"):
+            fixes.append(f"use a {found} model and tokenizer (GeneTokenizer.from_species({found!r}, ...))")
+            fixes.append(f"map the genes to their one-to-one {self.species} orthologs on purpose: adata = "
+                         f"hf_scfm.map_orthologs(adata, source={found!r}, target={self.species!r})")
+        else:
+            fixes.append("build a tokenizer of that species' Ensembl IDs (GeneTokenizer.from_genes(ids)) and a model "
+                         "for it")
+        if evidence.declared is not None:
+            fixes.append(f"if the genes are {self.species} after all, set adata.uns['species'] = {self.species!r}")
+        raise ValueError(
+            f"The input's genes look like {found} genes, but this tokenizer's vocabulary is {self.species} "
+            f"({len(self.genes):,} genes): {'; '.join(clues)}. Gene symbols of human and mouse often agree up to "
+            f"case, so the genes would match and the cells be read wrongly. Fix: {'; or '.join(fixes)}."
+        )
+
+    def _species_table(self, species: str) -> GeneTable:
+        """The full GENCODE table of ``species``; for this tokenizer's own species, where hf_scfm's tables are not
+        installed (remote code), the table saved with it."""
+        try:
+            return load_gene_table(species)
+        except FileNotFoundError:
+            if species == self.species and self.gene_table is not None:
+                return self.gene_table
+            raise
+
+    def _check_match(self, report, declared_species: str | None = None) -> None:
+        self._check_species(report, declared_species)
         rate = report.match_rate if self.gene_subset is None else report.n_tokens / len(self.gene_subset)
         if report.n_tokens >= self.min_genes and rate >= self.min_match_rate and report.n_tokens > 0:
             return
@@ -695,7 +744,7 @@ class GeneTokenizer(TokenizersBackend):
 
         src = cells if isinstance(cells, CountSource) else open_count_source(cells, gene_ids, layer, n_counts)
         colmap, report = self._column_map(src.var_names)
-        self._check_match(report)
+        self._check_match(report, src.species)
         rows_per_chunk = int(chunk_size or self.chunk_size)
         if self.encoding == "binned" and self.include_zero_genes:
             rows_per_chunk = max(1, min(rows_per_chunk, (1 << 23) // max(1, len(colmap.tokens))))
