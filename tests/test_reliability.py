@@ -110,3 +110,135 @@ def test_float16_counts_are_upcast_in_memory_and_on_disk(baron, tmp_path):
     big.X[0, 0] = 4000
     with pytest.warns(UserWarning, match="float16, which holds integers exactly only up to 2,048"):
         tok(big)
+
+
+# ------------------------------------------------------------------------------ a tiny classifier for the tasks
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, one_thread):
+    """``(folder, query)``: a randomly initialised tiny Mouse-GeneMamba classifier over 100 Baron human genes,
+    saved as ``hf-scfm finetune --no-lora`` saves one, and 12 query cells."""
+    import torch
+
+    from hf_scfm.training.families import get_family
+    from hf_scfm.training.hub import write_weights_manifest  # noqa: F401
+
+    from test_pretrain import small_adata, small_tokenizer
+
+    root = tmp_path_factory.mktemp("reliability")
+    adata = small_adata("human", n_cells=40, n_genes=100)
+    tok = small_tokenizer(adata, "human", "rank")
+    family = get_family("mouse_genemamba")
+    torch.manual_seed(0)
+    config = family.config_cls.from_preset("tiny", vocab_size=len(tok), vocab_checksum=tok.vocab_checksum,
+                                           hidden_size=32, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
+                                           label2id={"a": 0, "b": 1, "c": 2})
+    folder = root / "clf"
+    family.classification_cls(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_weights_manifest(folder)
+    return folder, adata[:12].copy()
+
+
+# ---------------------------------------------------------------------------------- 7. cells without vocab genes
+def test_cells_without_vocabulary_genes_are_warned_about_and_not_annotated(classifier):
+    from hf_scfm.tasks.annotation import CONFIDENCE_KEY, PREDICTION_KEY, annotate
+    from hf_scfm.tokenization import EmptyCellWarning
+
+    folder, query = classifier
+    query = ad.concat([query, ad.AnnData(sp.csr_matrix(np.ones((2, 2), np.float32)),
+                                         var=pd.DataFrame(index=["NOTAGENE1", "NOTAGENE2"]),
+                                         obs=pd.DataFrame(index=["lost1", "lost2"]))], join="outer")
+    query.X = sp.csr_matrix(np.nan_to_num(query.X.toarray()))
+    tok = GeneTokenizer.from_pretrained(str(folder))
+    np.testing.assert_array_equal(tok.cells_without_genes(query), [False] * 12 + [True, True])
+    with pytest.warns(EmptyCellWarning, match=r"2 of 14 cells have counts only in genes outside.*lost1, lost2"):
+        tok(query)
+    with pytest.warns(UserWarning, match=r"2 of 14 query cells .*lost1, lost2.*not annotated"):
+        out = annotate(str(folder), query, progress=False, copy=True)
+    assert out.obs[PREDICTION_KEY].isna().tolist() == [False] * 12 + [True, True]
+    assert np.isnan(out.obs[CONFIDENCE_KEY].to_numpy()[12:]).all() and np.isfinite(out.obs[CONFIDENCE_KEY][:12]).all()
+
+
+# ------------------------------------------------------------------------------------ 3. corrupted weights, NaN
+def test_corrupted_weights_are_refused_naming_the_file(classifier, tmp_path):
+    import shutil
+
+    from hf_scfm.tasks.annotation import annotate
+
+    folder, query = classifier
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = broken / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-4000:] = b"\xff" * 4000  # same size, header intact: only the checksum tells
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"model.safetensors is corrupt: its sha256 differs.*hf_scfm_weights.json"):
+        annotate(str(broken), query, progress=False, copy=True)
+    out = tmp_path / "annotated.h5ad"
+    query.write_h5ad(tmp_path / "q.h5ad")
+    assert cli.main(["annotate", "--model", str(broken), "--query", str(tmp_path / "q.h5ad"), "--out", str(out),
+                     "--no-progress"]) == 2
+    assert not out.exists()
+
+
+def test_a_nan_prediction_is_never_written_as_a_label(classifier):
+    import torch
+
+    from hf_scfm.tasks.annotation import PREDICTION_KEY, annotate
+    from hf_scfm.tasks.inference import load_model_and_tokenizer
+
+    folder, query = classifier
+    net, tok = load_model_and_tokenizer(str(folder), kind="classifier", device="cpu")
+    with torch.no_grad():
+        net.get_input_embeddings().weight[tok.convert_tokens_to_ids(tok.genes[:30])] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite for \d+ of 12 cells \(e.g. .*corrupted or diverged"):
+        annotate((net, tok), query, progress=False)
+    assert PREDICTION_KEY not in query.obs
+
+
+# ------------------------------------------------------------------------ 5. adapters: base beside, checksummed
+def test_adapter_base_resolves_beside_the_adapter_and_must_match(tmp_path, monkeypatch, one_thread):
+    import json
+    import shutil
+
+    import torch
+
+    from hf_scfm.tasks.annotation import PREDICTION_KEY, annotate
+    from hf_scfm.training.families import get_family
+    from hf_scfm.training.finetune import finetune
+
+    from test_pretrain import small_adata, small_tokenizer
+
+    adata = small_adata("human", n_cells=24, n_genes=60)
+    tok = small_tokenizer(adata, "human", "rank")
+    family = get_family("mouse_genemamba")
+    work, other = tmp_path / "work", tmp_path / "other"
+    for seed, where in ((0, work), (1, other)):  # the real base, and a different model of the same name elsewhere
+        torch.manual_seed(seed)
+        config = family.config_cls.from_preset("tiny", vocab_size=len(tok), vocab_checksum=tok.vocab_checksum,
+                                               hidden_size=32)
+        family.pretraining_cls()(config).save_pretrained(where / "ptU")
+        tok.save_pretrained(where / "ptU")
+    adata.write_h5ad(work / "train.h5ad")
+    monkeypatch.chdir(work)
+    finetune(*cli.parse(["finetune", "--model", "ptU", "--train", "train.h5ad", "--label-key", "cell_type",
+                         "--out", "../clf", "--max-steps", "2", "--batch-size", "8", "--max-length", "16"])[1])
+    label_map = json.loads((tmp_path / "clf" / "label_map.json").read_text())
+    assert label_map["base_model"] == "../work/ptU" and len(label_map["base_model_checksum"]) == 64
+
+    monkeypatch.chdir(other)  # holds another ./ptU: the adapter must not pick it up
+    out = annotate("../clf", adata[:4].copy(), progress=False, copy=True)
+    assert out.obs[PREDICTION_KEY].notna().all()
+
+    shutil.rmtree(work / "ptU")
+    shutil.copytree(other / "ptU", work / "ptU")  # another model where the base was
+    with pytest.raises(ValueError, match=r"trained on another base model than .*checksum differs"):
+        annotate("../clf", adata[:4].copy(), progress=False, copy=True)
+    shutil.rmtree(work / "ptU")
+    with pytest.raises(FileNotFoundError, match=r"names its base model '../work/ptU', relative to the adapter"):
+        annotate("../clf", adata[:4].copy(), progress=False, copy=True)
+
+    # 8. a pickled adapter (adapter_model.bin) is refused, with the fix
+    (tmp_path / "clf" / "adapter_model.safetensors").rename(tmp_path / "clf" / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model.bin, a pickle.*safe_serialization=True"):
+        annotate("../clf", adata[:4].copy(), progress=False, copy=True)

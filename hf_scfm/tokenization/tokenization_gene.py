@@ -748,9 +748,10 @@ class GeneTokenizer(TokenizersBackend):
         rows_per_chunk = int(chunk_size or self.chunk_size)
         if self.encoding == "binned" and self.include_zero_genes:
             rows_per_chunk = max(1, min(rows_per_chunk, (1 << 23) // max(1, len(colmap.tokens))))
-        sentences = []
+        sentences, empty = [], []
         for counts, obs in iter_count_chunks(src, rows_per_chunk, check_counts=check):
             lib = obs["n_counts"].to_numpy()
+            empty.extend(obs.index[_rows_without_matched_counts(counts, colmap)])
             sampled = self.encoding == "continuous" or (self.encoding == "binned" and not self.include_zero_genes)
             if flat and sampled:  # compiled, straight into the flat output (None: numba missing or disabled)
                 part = encode_sampled_flat(counts, colmap, n_genes, seed,
@@ -776,7 +777,19 @@ class GeneTokenizer(TokenizersBackend):
                 else:
                     fast = encode_binned(entries, n_genes, seed, self.n_bins, self.include_zero_genes, colmap.tokens)
             sentences.append(flatten_sentences([fast], prefix, suffix, ids_dtype=np.int32) if flat else fast)
+        if empty:
+            warnings.warn(_empty_cells_message(len(empty), src.n_obs, empty), EmptyCellWarning, stacklevel=3)
         return sentences, prefix, suffix
+
+    def cells_without_genes(self, data, gene_ids=None, layer: str | None = None) -> np.ndarray:
+        """Boolean mask of the cells of ``data`` whose counts all fall in genes outside this tokenizer's vocabulary
+        (or gene subset): their sentences hold special tokens only, so a model reading them sees no cell.
+        Encoding such cells warns (:class:`EmptyCellWarning`); ``annotate`` leaves them not annotated."""
+        src = data if isinstance(data, CountSource) else open_count_source(data, gene_ids, layer)
+        colmap, _ = self._column_map(src.var_names)
+        masks = [_rows_without_matched_counts(counts, colmap)
+                 for counts, _ in iter_count_chunks(src, self.chunk_size, check_counts=False)]
+        return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
     def encode_flat(self, cells, gene_ids=None, *, max_length: int | None = None, truncation=True,
                     seed: int | None = None, layer: str | None = None, n_counts=None,
@@ -822,6 +835,25 @@ class GeneTokenizer(TokenizersBackend):
 # with them) at import: ``save_pretrained``/``push_to_hub`` then write ``auto_map`` and copy this folder's code.
 # tests/test_tokenizer_remote_code.py pins that this still writes a loadable auto_map.
 GeneTokenizer._auto_class = "AutoTokenizer"
+
+
+class EmptyCellWarning(UserWarning):
+    """Cells whose counts all fall in genes outside the vocabulary: encoded as special tokens only."""
+
+
+def _rows_without_matched_counts(counts, colmap: ColumnMap) -> np.ndarray:
+    """Boolean mask of the rows of a CSR chunk with no non-zero count in a matched (vocabulary) column."""
+    hit = colmap.matched[counts.indices] & (counts.data != 0)
+    per_row = np.concatenate(([0], np.cumsum(hit, dtype=np.int64)))[counts.indptr]
+    return np.diff(per_row) == 0
+
+
+def _empty_cells_message(n_empty: int, n_cells: int, names) -> str:
+    examples = ", ".join(map(str, list(names)[:5]))
+    return (f"{n_empty:,} of {n_cells:,} cells have counts only in genes outside this tokenizer's vocabulary (e.g. "
+            f"{examples}): their sentences hold special tokens only, so a model sees nothing of them. Check that the "
+            "genes are named as the vocabulary's (symbols or Ensembl IDs of its species), or filter those cells "
+            "(tokenizer.cells_without_genes(adata) gives them).")
 
 
 def _check_saved_tokenizer(files: dict, name) -> None:

@@ -61,6 +61,7 @@ from .checkpoint import (
     read_run_state,
 )
 from .families import FAMILIES
+from .hub import write_weights_manifest
 from .pretrain_data import BatchStream, build_streams, corpus_tokenizer, record_batches
 from .run_log import LOSS_CURVE, METRICS_FILE, MetricsLogger, plot_loss_curve
 
@@ -330,6 +331,7 @@ def _save_model_files(accelerator, model, tokenizer, folder: Path, family) -> No
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        write_weights_manifest(folder)  # sha256 of the weights, verified whenever the checkpoint is loaded
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, family, run: dict, out: Path, step: int,
