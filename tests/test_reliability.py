@@ -119,8 +119,9 @@ def classifier(tmp_path_factory, one_thread):
     saved as ``hf-scfm finetune --no-lora`` saves one, and 12 query cells."""
     import torch
 
+    from hf_scfm.modeling.configuration_utils import check_tokenizer_matches
     from hf_scfm.training.families import get_family
-    from hf_scfm.training.hub import write_weights_manifest  # noqa: F401
+    from hf_scfm.training.hub import write_weights_manifest
 
     from test_pretrain import small_adata, small_tokenizer
 
@@ -129,9 +130,11 @@ def classifier(tmp_path_factory, one_thread):
     tok = small_tokenizer(adata, "human", "rank")
     family = get_family("mouse_genemamba")
     torch.manual_seed(0)
-    config = family.config_cls.from_preset("tiny", vocab_size=len(tok), vocab_checksum=tok.vocab_checksum,
-                                           hidden_size=32, num_labels=3, id2label={0: "a", 1: "b", 2: "c"},
-                                           label2id={"a": 0, "b": 1, "c": 2})
+    config = family.config_cls.from_preset("tiny", vocab_size=len(tok), hidden_size=32, num_labels=3,
+                                           id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    assert config.vocab_checksum is None and getattr(config, "tokenizer_settings", None) is None
+    check_tokenizer_matches(config, tok)  # the first pairing records the vocabulary and the encoding settings
+    assert config.vocab_checksum == tok.vocab_checksum and config.tokenizer_settings["encoding"] == "rank"
     folder = root / "clf"
     family.classification_cls(config).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -242,3 +245,47 @@ def test_adapter_base_resolves_beside_the_adapter_and_must_match(tmp_path, monke
     (tmp_path / "clf" / "adapter_model.safetensors").rename(tmp_path / "clf" / "adapter_model.bin")
     with pytest.raises(ValueError, match=r"adapter_model.bin, a pickle.*safe_serialization=True"):
         annotate("../clf", adata[:4].copy(), progress=False, copy=True)
+
+
+def test_capitalised_names_of_neither_species_are_left_to_the_match_check(baron):
+    odd = baron["human"][:, :100].copy()
+    odd.var_names = [f"Gene{i}" for i in range(100)]
+    with pytest.raises(ValueError, match=r"Only 0 of 100 input genes \(0.0%\) match this tokenizer's human"):
+        GeneTokenizer.from_species("human").check_genes(odd)
+
+
+# ------------------------------------------------------------------------------- 2. edited tokenizer settings
+def test_edited_tokenizer_settings_are_refused_by_every_entry_point(classifier, tmp_path, capsys):
+    import json
+    import shutil
+
+    from hf_scfm.modeling.configuration_utils import check_tokenizer_matches
+    from hf_scfm.tasks.annotation import annotate
+    from hf_scfm.tasks.embedding import embed
+
+    folder, query = classifier
+    edited = tmp_path / "edited"
+    shutil.copytree(folder, edited)
+    path = edited / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "encoding": "continuous"}))
+    with pytest.raises(ValueError, match=r"encodes cells otherwise than model.*encoding 'continuous' \(model: 'rank'\)"):
+        annotate(str(edited), query, progress=False, copy=True)
+    with pytest.raises(ValueError, match=r"encoding 'continuous' \(model: 'rank'\)"):
+        embed(str(edited), query, progress=False, copy=True)
+    query.write_h5ad(tmp_path / "q.h5ad")
+    assert cli.main(["finetune", "--model", str(edited), "--train", str(tmp_path / "q.h5ad"), "--label-key",
+                     "cell_type", "--out", str(tmp_path / "ft"), "--max-steps", "1"]) == 2
+    assert "encodes cells otherwise" in capsys.readouterr().err
+
+    from hf_scfm import ScMamba2Config
+
+    binned = GeneTokenizer.from_genes(list(query.var_names[:30]), species="human", encoding="binned")
+    config = ScMamba2Config.from_preset("tiny", vocab_size=len(binned))
+    check_tokenizer_matches(config, binned)
+    binned.n_bins = 11
+    with pytest.raises(ValueError, match=r"n_bins 11 \(model: 51\)"):
+        check_tokenizer_matches(config, binned)
+    subset = GeneTokenizer.from_genes(list(query.var_names[:30]), species="human", encoding="binned",
+                                      gene_subset=list(query.var_names[:10]))
+    with pytest.raises(ValueError, match=r"gene_subset_checksum"):
+        check_tokenizer_matches(config, subset)

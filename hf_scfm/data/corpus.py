@@ -103,10 +103,9 @@ def tokenizer_settings(tokenizer) -> dict[str, Any]:
             continue
         settings[key] = value
     settings["vocab_checksum"] = getattr(tokenizer, "vocab_checksum", None)
-    medians = getattr(tokenizer, "gene_medians", None)
-    if settings.get("encoding") == "rank" and medians:
-        blob = json.dumps(sorted(medians.items())).encode()
-        settings["medians_checksum"] = hashlib.sha256(blob).hexdigest()
+    medians_checksum = dict(getattr(tokenizer, "encoding_settings", None) or {}).get("medians_checksum")
+    if settings.get("encoding") == "rank" and medians_checksum:
+        settings["medians_checksum"] = medians_checksum
     return settings
 
 

@@ -161,24 +161,26 @@ def judge_species(evidence: SpeciesEvidence, expected: str, table_of) -> tuple[s
     table matches 5 points more of them. ``table_of(species)`` gives a :class:`GeneTable` (or raises
     ``FileNotFoundError`` where the other table is not installed: that clue is then skipped).
     """
-    clues: list[tuple[str, str]] = []  # (species, sentence)
+    clues: list[tuple[str, str, bool]] = []  # (species, sentence, strong)
     if evidence.declared is not None:
         try:
             declared = normalize_species(evidence.declared)
         except ValueError:
             declared = str(evidence.declared)
-        clues.append((declared, f"adata.uns['species'] is {evidence.declared!r}"))
+        clues.append((declared, f"adata.uns['species'] is {evidence.declared!r}", True))
     if evidence.n_ids and evidence.n_ids * 2 >= evidence.n_names:
         for species, n in evidence.ids.items():
             if n >= _ID_SHARE * evidence.n_ids:
                 prefix = "ENSMUSG" if species == "mouse" else "ENSG"
-                clues.append((species, f"{n:,} of its {evidence.n_ids:,} Ensembl IDs are {species} ({prefix}...)"))
+                clues.append((species, f"{n:,} of its {evidence.n_ids:,} Ensembl IDs are {species} ({prefix}...)", True))
     symbols = evidence.upper + evidence.capitalised
     if symbols >= _MIN_SYMBOLS and evidence.capitalised >= _CASE_SHARE * symbols:
         ex = ", ".join(evidence.examples["capitalised"])
         clues.append(("mouse", f"{evidence.capitalised / symbols:.0%} of its {symbols:,} gene symbols are written "
-                               f"like mouse symbols (e.g. {ex})"))
-    found = next((species for species, _ in clues if species != expected), None)
+                               f"like mouse symbols (e.g. {ex})", False))
+    found = next((species for species, _, _ in clues if species != expected), None)
+    # the letter case alone is not proof: names of neither species ("Gene0") are capitalised too; the tables decide
+    case_only = found is not None and not any(strong for species, _, strong in clues if species == found)
     if (found is not None or not clues) and evidence.n_names >= _MIN_SYMBOLS and not evidence.match_rates:
         for species in SPECIES_FILES:
             try:
@@ -192,9 +194,13 @@ def judge_species(evidence: SpeciesEvidence, expected: str, table_of) -> tuple[s
                     f"{expected} one") if other is not None else None
         if found is None and not clues and other is not None and rates[other] >= rates[expected] + _RATE_MARGIN:
             found = other
+        if case_only and found in rates and rates[found] <= rates[expected]:
+            found = None  # capitalised names that the other species' table does not match better
         if sentence is not None and (found is not None or not clues):
-            clues.append((found or expected, sentence))
-    return found, [sentence for _, sentence in clues]
+            clues.append((found or expected, sentence, True))
+    elif case_only and any(species == expected for species, _, strong in clues if strong):
+        found = None  # the data declares this species; the letter case alone does not overrule it
+    return found, [sentence for _, sentence, _ in clues]
 
 
 def _match_rate(evidence: SpeciesEvidence, table: GeneTable) -> float:

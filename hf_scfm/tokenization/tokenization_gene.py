@@ -485,6 +485,22 @@ class GeneTokenizer(TokenizersBackend):
         self.select_genes(chosen)
         return list(self.gene_subset)
 
+    @property
+    def encoding_settings(self) -> dict:
+        """The settings that decide what a model reads from this tokenizer besides the vocabulary: ``encoding``,
+        ``n_bins`` (binned), ``include_zero_genes``, the checksum of the ``gene_subset`` (None: all genes) and of
+        the fitted medians (rank). A model's config records them when first paired with a tokenizer
+        (:func:`hf_scfm.modeling.configuration_utils.check_tokenizer_matches`) and every later pairing compares."""
+        settings = {"encoding": self.encoding}
+        if self.encoding == "binned":
+            settings.update(n_bins=self.n_bins, include_zero_genes=self.include_zero_genes)
+        settings["gene_subset_checksum"] = None if self.gene_subset is None else _checksum(self.gene_subset)
+        if self.encoding == "rank":
+            medians = self.gene_medians
+            settings["medians_checksum"] = (hashlib.sha256(json.dumps(sorted(medians.items())).encode()).hexdigest()
+                                            if medians else None)
+        return settings
+
     # ------------------------------------------------------------------ medians
     @property
     def gene_medians(self) -> dict[str, float]:

@@ -287,6 +287,8 @@ def load_finetuned(path: str | Any):
         base_path, num_labels=len(id2label), id2label=id2label, label2id=label_map["label2id"],
         ignore_mismatched_sizes=True,
     )
+    if label_map.get("tokenizer_settings"):
+        model.config.tokenizer_settings = label_map["tokenizer_settings"]
     return PeftModel.from_pretrained(model, str(path))
 
 
@@ -312,6 +314,8 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     training_args = dataclasses.replace(training_args, remove_unused_columns=False, label_names=["labels"])
     model_path, config_dict, family = resolve_checkpoint(args.model)
     tokenizer = GeneTokenizer.from_pretrained(str(model_path))
+    # the tokenizer as saved with the model (before --n-top-genes selects genes) must be the one it was trained with
+    check_tokenizer_matches(family.config_cls.from_dict(config_dict), tokenizer)
 
     # -- the cells: reference (and held-out) cells tokenized by the checkpoint's tokenizer, labels mapped to ids
     train_adata = anndata.read_h5ad(args.train)
@@ -346,6 +350,7 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         model_path, num_labels=len(label_names), id2label=id2label, label2id=label2id,
         ignore_mismatched_sizes=True, **overrides,
     )
+    model.config.tokenizer_settings = tokenizer.encoding_settings  # what the classifier reads: its gene subset
     check_tokenizer_matches(model.config, tokenizer)
     if args.lora:
         from peft import get_peft_model
@@ -375,9 +380,10 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     label_map = {"id2label": {str(k): v for k, v in id2label.items()}, "label2id": label2id}
-    if args.lora and not args.merge:  # the adapter names its base relative to its own folder, with its checksum
-        label_map.update(base_model=_base_reference(args.model, model_path, out),
-                         base_model_checksum=weights_checksum(model_path))
+    if args.lora and not args.merge:  # the adapter names its base relative to its own folder, with its checksum,
+        label_map.update(base_model=_base_reference(args.model, model_path, out),  # and what it reads (no config)
+                         base_model_checksum=weights_checksum(model_path),
+                         tokenizer_settings=tokenizer.encoding_settings)
     (out / LABEL_MAP_FILE).write_text(json.dumps(label_map, indent=2) + "\n", encoding="utf-8")
     if args.lora and args.merge:
         model = model.merge_and_unload()
