@@ -4,7 +4,7 @@ README's "Reliability" section lists them). Tiny inputs only: slices of the bund
 
 from __future__ import annotations
 
-import warnings
+import re
 
 import anndata as ad
 import numpy as np
@@ -289,3 +289,99 @@ def test_edited_tokenizer_settings_are_refused_by_every_entry_point(classifier, 
                                       gene_subset=list(query.var_names[:10]))
     with pytest.raises(ValueError, match=r"gene_subset_checksum"):
         check_tokenizer_matches(config, subset)
+
+
+# ---------------------------------------------------------------------------------------- 4. corpora, 8. resume
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    """Two tiny CellFM corpora of other vocabularies (100 and 80 genes), in 16-cell shards."""
+    from hf_scfm.data import build_corpus
+
+    from test_pretrain import small_adata, small_tokenizer
+
+    root = tmp_path_factory.mktemp("corpora")
+    adata = small_adata("human", n_cells=48, n_genes=100)
+    for name, genes in (("a", 100), ("b", 80)):
+        build_corpus(adata, small_tokenizer(adata[:, :genes], "human", "continuous"), root / name, shard_size=16,
+                     max_length=32, progress=False)
+    return root
+
+
+def _corrupt_data_pages(path):
+    """Overwrite bytes of a Parquet file's data pages, leaving the header magic and the footer intact."""
+    raw = bytearray(path.read_bytes())
+    footer = int.from_bytes(raw[-8:-4], "little") + 8
+    end = len(raw) - footer
+    raw[4:end] = bytes((b ^ 0x5A) for b in raw[4:end])
+    path.write_bytes(bytes(raw))
+
+
+def test_a_shard_with_corrupt_data_is_named_with_the_fix(corpora, tmp_path, capsys):
+    import shutil
+
+    from hf_scfm.data import load_corpus
+
+    corpus = tmp_path / "c"
+    shutil.copytree(corpora / "a", corpus)
+    shard = sorted((corpus / "data").glob("*.parquet"))[1]
+    _corrupt_data_pages(shard)
+    with pytest.raises(ValueError, match=rf"(?s)Shard '.*{shard.name}' is corrupt: its footer reads.*re-run build_corpus"):
+        load_corpus(corpus, cache_dir=str(tmp_path / "cache"))
+    code = cli.main(["pretrain", "--model", "cellfm", "--corpus", str(corpus), "--out", str(tmp_path / "run"),
+                     "--max-steps", "2", "--batch-size", "4", "--no-progress", "--shuffle-buffer", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and shard.name in err and "is corrupt" in err and "Traceback" not in err
+
+
+def test_an_incomplete_build_is_refused_unless_asked_for(corpora, tmp_path):
+    import json
+    import shutil
+
+    from hf_scfm.data import load_corpus
+
+    corpus = tmp_path / "c"
+    shutil.copytree(corpora / "a", corpus)
+    assert json.loads((corpus / "hf_scfm_build.json").read_text())["complete"] is True
+    assert load_corpus(corpus, cache_dir=str(tmp_path / "cache")).num_rows == 48
+    # what a build killed after its first shard leaves
+    build = json.loads((corpus / "hf_scfm_build.json").read_text())
+    (corpus / "hf_scfm_build.json").write_text(json.dumps({**build, "complete": False}))
+    for shard in sorted((corpus / "data").glob("*.parquet"))[1:]:
+        shard.unlink()
+    with pytest.raises(ValueError, match=r"is incomplete: its build did not finish \(1 of 3 shards, missing .*allow_partial"):
+        load_corpus(corpus, streaming=True)
+    assert load_corpus(corpus, allow_partial=True, cache_dir=str(tmp_path / "cache")).num_rows == 16
+
+
+def test_cells_without_vocabulary_genes_are_counted_in_the_build_report(tmp_path):
+    from hf_scfm.data import build_corpus
+
+    x = sp.csr_matrix(np.array([[3, 0, 1], [0, 2, 0], [0, 5, 0]], dtype=np.float32))  # cells 2, 3: outside only
+    adata = ad.AnnData(x, var=pd.DataFrame(index=["GCG", "NOTAGENE1", "INS"]), uns={"species": "human"})
+    tok = GeneTokenizer.from_genes(["GCG", "INS", "TTR"], species="human", encoding="continuous")
+    with pytest.warns(UserWarning, match=r"2 cells of the corpus have counts only in genes outside"):
+        report = build_corpus(adata, tok, tmp_path / "c", progress=False)
+    assert report.n_cells == 3 and report.n_cells_without_genes == 2
+
+
+def test_resuming_with_a_corpus_of_another_vocabulary_is_refused(corpora, tmp_path, capsys):
+    from test_pretrain import run_args
+
+    out = tmp_path / "run"
+    assert cli.main(["pretrain", *run_args("cellfm", corpora / "a", out, "--stop-after-steps", "3")]) == 0
+    assert cli.main(["pretrain", *run_args("cellfm", corpora / "b", out, "--resume")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"was trained on a vocabulary of \d+ tokens .*tokenized with another one \(86 tokens", err)
+    assert "Resume with the corpus of that run" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------ 8. a garbage tokenizer.json
+def test_a_garbage_tokenizer_json_is_named(classifier, tmp_path):
+    import shutil
+
+    folder, _ = classifier
+    broken = tmp_path / "tok"
+    shutil.copytree(folder, broken)
+    (broken / "tokenizer.json").write_text("<html>not found</html>")
+    with pytest.raises(ValueError, match=r"tokenizer.json is not a readable tokenizer.json \(JSONDecodeError"):
+        GeneTokenizer.from_pretrained(str(broken))

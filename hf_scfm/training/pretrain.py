@@ -157,6 +157,16 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
 
     # -- tokenizer, model, optimizer, schedule
     tokenizer = corpus_tokenizer(args.corpus)
+    if resume_from is not None:
+        saved = json.loads((resume_from / "config.json").read_text(encoding="utf-8"))
+        if (saved.get("vocab_checksum") not in (None, tokenizer.vocab_checksum)
+                or saved.get("vocab_size") != len(tokenizer)):
+            raise ResumeError(
+                f"{resume_from} was trained on a vocabulary of {saved.get('vocab_size')} tokens (checksum "
+                f"{str(saved.get('vocab_checksum'))[:12]}...), but the corpus {args.corpus} was tokenized with another "
+                f"one ({len(tokenizer)} tokens, checksum {tokenizer.vocab_checksum[:12]}...). Resume with the corpus "
+                "of that run, or start a new run in another --out."
+            )
     if tokenizer.encoding != family.encoding:
         raise ValueError(
             f"The corpus {args.corpus} was tokenized with the {tokenizer.encoding!r} encoding, but {family.name} "
@@ -189,7 +199,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     train_ds, held_ds = build_streams(args.corpus, tokenizer, eval_fraction=args.eval_fraction, seed=args.seed,
                                       shuffle_buffer=args.shuffle_buffer, rank=accelerator.process_index,
                                       world_size=accelerator.num_processes)
-    stream = BatchStream(train_ds, args.batch_size, collator)
+    stream = BatchStream(train_ds, args.batch_size, collator, corpus=args.corpus)
     step = 0
     if resume_from is not None:
         from .checkpoint import TrainingStateError, load_training_state
