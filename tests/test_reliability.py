@@ -383,5 +383,5 @@ def test_a_garbage_tokenizer_json_is_named(classifier, tmp_path):
     broken = tmp_path / "tok"
     shutil.copytree(folder, broken)
     (broken / "tokenizer.json").write_text("<html>not found</html>")
-    with pytest.raises(ValueError, match=r"tokenizer.json is not a readable tokenizer.json \(JSONDecodeError"):
+    with pytest.raises(ValueError, match=r"tok/tokenizer.json is not a GeneTokenizer vocabulary \(JSONDecodeError"):
         GeneTokenizer.from_pretrained(str(broken))

@@ -278,13 +278,8 @@ class GeneTokenizer(TokenizersBackend):
         """Loading: read the WordLevel vocabulary from ``tokenizer.json`` (the rest comes from the config)."""
         path = kwargs.pop("tokenizer_file", None)
         if kwargs.get("vocab") is None and path is not None and os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    kwargs["vocab"] = json.load(fh)["model"]["vocab"]
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path} is not a readable tokenizer.json ({type(err).__name__}: {err}): the file is "
-                                 "damaged or was replaced. Save the tokenizer again (tokenizer.save_pretrained) or "
-                                 "download the file again.") from err
+            with open(path, encoding="utf-8") as fh:
+                kwargs["vocab"] = json.load(fh)["model"]["vocab"]
         return kwargs
 
     def save_pretrained(self, save_directory, *args, **kwargs):
