@@ -2,8 +2,8 @@
 ``push_to_hub`` to the local Hub (``tests/hub_server.py``), loads with ``trust_remote_code=True`` in a Python that
 cannot import hf_scfm (``python -I``, fixture ``python_without_hf_scfm``) and gives the original's outputs.
 
-One parametrised test per family: the tokenizer half (the tokenizer pushed to the same repos and encoding an AnnData
-there) plugs into :func:`_push_family` / the subprocess code without a second test.
+One parametrised test per family checks every head on fixed ids; one more test pushes each family's tokenizer and
+base model into one repo and, without hf_scfm, encodes an AnnData there and feeds it to the model.
 """
 
 from __future__ import annotations
