@@ -385,3 +385,15 @@ def test_a_garbage_tokenizer_json_is_named(classifier, tmp_path):
     (broken / "tokenizer.json").write_text("<html>not found</html>")
     with pytest.raises(ValueError, match=r"tok/tokenizer.json is not a GeneTokenizer vocabulary \(JSONDecodeError"):
         GeneTokenizer.from_pretrained(str(broken))
+
+
+def test_tokenize_refuses_another_species_on_the_command_line(baron, tmp_path, capsys):
+    mouse = baron["mouse"].copy()
+    mouse.var_names = [g.upper() for g in mouse.var_names]  # the letter case gone: uns["species"] still tells
+    mouse.write_h5ad(tmp_path / "mouse.h5ad")
+    GeneTokenizer.from_species("human", encoding="binned").save_pretrained(tmp_path / "tok")
+    code = cli.main(["tokenize", str(tmp_path / "mouse.h5ad"), "--tokenizer", str(tmp_path / "tok"), "--out",
+                     str(tmp_path / "corpus"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "look like mouse genes" in err and "uns['species'] is 'mouse'" in err
+    assert "map_orthologs" in err and "Traceback" not in err
