@@ -194,9 +194,15 @@ def test_a_nan_prediction_is_never_written_as_a_label(classifier):
     net, tok = load_model_and_tokenizer(str(folder), kind="classifier", device="cpu")
     with torch.no_grad():
         net.get_input_embeddings().weight[tok.convert_tokens_to_ids(tok.genes[:30])] = float("nan")
-    with pytest.raises(ValueError, match=r"NaN or infinite for \d+ of 12 cells \(e.g. .*corrupted or diverged"):
+    with pytest.raises(ValueError, match=r"output is NaN or infinite for \d+ of 12 cells \(e.g. .*corrupted or diverged"):
         annotate((net, tok), query, progress=False)
     assert PREDICTION_KEY not in query.obs
+
+    from hf_scfm.tasks.embedding import embed
+
+    with pytest.raises(ValueError, match=r"cell embedding is NaN or infinite for \d+ of 12 cells"):
+        embed(getattr(net, net.base_model_prefix), query, tokenizer=tok, progress=False)
+    assert not query.obsm
 
 
 # ------------------------------------------------------------------------ 5. adapters: base beside, checksummed

@@ -138,7 +138,7 @@ def annotate(model, query, *, label_key: str | None = None, batch_size: int = 64
     import pandas as pd
 
     from ..tokenization import EmptyCellWarning
-    from .inference import iter_model_outputs, load_model_and_tokenizer, result_target
+    from .inference import check_finite_outputs, iter_model_outputs, load_model_and_tokenizer, result_target
 
     adata, returned = result_target(query, copy)
     if label_key is not None:
@@ -166,14 +166,7 @@ def annotate(model, query, *, label_key: str | None = None, batch_size: int = 64
     probs = np.concatenate(chunks)
     if probs.shape[1] != len(classes):
         raise ValueError(f"The model outputs {probs.shape[1]} classes but its config names {len(classes)}.")
-    bad = ~np.isfinite(probs).all(1) & ~empty
-    if bad.any():
-        raise ValueError(
-            f"The model's output is NaN or infinite for {int(bad.sum()):,} of {adata.n_obs:,} cells (e.g. "
-            f"{', '.join(map(str, adata.obs_names[bad][:5]))}); no label is written. The likely cause is corrupted "
-            "or diverged weights (a damaged model.safetensors, a fine-tuning run that diverged): download or copy "
-            "the model again, or fine-tune again with a lower learning rate."
-        )
+    check_finite_outputs(probs, adata.obs_names, "output", skip=empty)  # a NaN is never written as a label
     probs[empty] = np.nan
     best = np.where(empty, -1, np.nan_to_num(probs).argmax(1))
     adata.obs[PREDICTION_KEY] = pd.Categorical.from_codes(best, categories=classes)
