@@ -41,7 +41,7 @@ def tokenize_chunk(tokenizer, counts, gene_ids, n_counts, max_length: int | None
     source declares in ``uns["species"]``) goes to the tokenizer's species check.
     """
     if not hasattr(tokenizer, "encode_flat"):
-        return tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length, cell_names)
+        return tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length, cell_names, species)
     import pandas as pd
 
     from ..tokenization.anndata_io import CountSource
@@ -57,9 +57,11 @@ def tokenize_chunk(tokenizer, counts, gene_ids, n_counts, max_length: int | None
             flat["values"], flat["length"].astype(np.int32))
 
 
-def tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length: int | None, cell_names=None):
+def tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length: int | None, cell_names=None,
+                          species=None):
     """:func:`tokenize_chunk` through the tokenizer's padded ``__call__`` (any tokenizer; the path before
-    ``encode_flat``, kept for tokenizers without it and as the benchmark's baseline)."""
+    ``encode_flat``, kept for tokenizers without it and as the benchmark's baseline). ``species`` is not passed on:
+    a plain ``__call__`` takes no declared species (the species check then reads the gene names alone)."""
     enc = tokenizer(counts, gene_ids=gene_ids, n_counts=n_counts, max_length=max_length, padding=True,
                     truncation=True, return_tensors="np")
     ids, values, mask = (np.asarray(enc[k]) for k in ("input_ids", "values", "attention_mask"))
