@@ -132,8 +132,9 @@ class PartStream:
     exactly where the first one was.
     """
 
-    def __init__(self, dataset, *, epoch: int = 0, consumed: int = 0, name: str = "data part"):
-        self.dataset, self.name = dataset, name
+    def __init__(self, dataset, *, epoch: int = 0, consumed: int = 0, name: str = "data part",
+                 files: Sequence[str] | None = None):
+        self.dataset, self.name, self.files = dataset, name, files  # files: the part's shards, to name a corrupt one
         self.epoch, self.consumed = int(epoch), int(consumed)
         self._records: Iterator[dict[str, Any]] | None = None
 
@@ -141,12 +142,19 @@ class PartStream:
         while True:
             self.dataset.set_epoch(self.epoch)
             produced = 0
-            for index, record in enumerate(self.dataset):
-                produced += 1
-                if index < self.consumed:  # handed out before the resume
-                    continue
-                self.consumed = index + 1
-                yield record
+            try:
+                for index, record in enumerate(self.dataset):
+                    produced += 1
+                    if index < self.consumed:  # handed out before the resume
+                        continue
+                    self.consumed = index + 1
+                    yield record
+            except Exception:  # a shard whose data does not decode (footer intact): name it and the fix
+                if self.files:
+                    from .loading import check_shard_data
+
+                    check_shard_data(self.files)
+                raise
             if produced == 0:
                 raise ValueError(
                     f"{self.name} has no cells to train on (after holding out the evaluation cells): the corpus is "

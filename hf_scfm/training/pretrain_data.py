@@ -58,6 +58,7 @@ class CorpusParts:
 
         files = corpus_files(corpus)
         validate_corpus(files, tokenizer=tokenizer)
+        self.files = files
         self.corpus, self.eval_fraction, self.seed, self.with_cell_id = corpus, eval_fraction, seed, with_cell_id
         sizes = shard_cells(files)
         self.num_parts = num_parts or default_num_parts(global_batch, len(files))
@@ -99,7 +100,8 @@ class StepStream:
         for p in part_ids:
             where = (positions or {}).get(p, {"epoch": 0, "consumed": 0})
             self.streams[p] = PartStream(parts.train(p), epoch=where["epoch"], consumed=where["consumed"],
-                                         name=f"Data part {p} of {parts.num_parts} ({len(parts.shards[p])} shard(s))")
+                                         name=f"Data part {p} of {parts.num_parts} ({len(parts.shards[p])} shard(s))",
+                                         files=[parts.files[i] for i in parts.shards[p]])
 
     def next_step(self) -> list[dict]:
         return [record for p, stream in self.streams.items() for record in stream.take(self.per_part[p])]
