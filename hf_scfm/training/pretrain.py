@@ -16,9 +16,10 @@ Choices, and why:
 * **Exact resume.** Every ``save_steps`` steps the run writes ``checkpoint-N/`` with
   :func:`hf_scfm.training.checkpoint.save_training_state`: optimizer and scheduler state, RNG states of every rank
   and, per rank, its position in the data stream, as safetensors + JSON -- no pickle, so ``--resume`` never
-  unpickles a file (under FSDP/DeepSpeed that module falls back to Accelerate's pickled ``save_state`` with a
-  warning; see its docstring). ``--resume`` restores all of it, re-creates the same stream (same seed, same epoch,
-  so the same shuffle) and skips the batches already consumed, before collating them. Collator masks depend only
+  unpickles a file (FSDP included: the full optimizer state is gathered by name; under DeepSpeed/Megatron-LM that
+  module falls back to Accelerate's pickled ``save_state`` with a warning; see its docstring). ``--resume``
+  restores all of it, re-creates the same streams (same seed, same epoch, so the same shuffle) and skips the cells
+  already consumed, before collating them. Collator masks depend only
   on seed and cell content, so the resumed run sees exactly the batches the uninterrupted run would have: the
   final weights are equal (tested). A checkpoint is written to a hidden ``.checkpoint-N.partial`` folder and
   renamed when complete; its ``hf_scfm_training_state.json`` (written last) records the family, preset, objective
