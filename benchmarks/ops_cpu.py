@@ -65,17 +65,17 @@ def build_mixer(family: str, d_model: int, d_state: int, chunk_size: int):
 
 
 def ours_mamba1(m, hidden):
-    """MambaMixer's computation with hf_scfm ops (same weights)."""
+    """MambaMixer's computation with hf_scfm ops (same weights), laid out as MouseGeneMambaMixer.forward
+    does it: every [batch, d_inner, L] tensor is a transposed view of a [batch, L, d_inner] Linear output."""
     from hf_scfm.modeling.mouse_genemamba.conv import causal_conv1d
     from hf_scfm.modeling.mouse_genemamba.selective_scan import selective_scan
 
     x, gate = m.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
     x = causal_conv1d(x, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation="silu", backend="torch")
     dt, B, C = m.x_proj(x.transpose(1, 2)).split([m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
-    dt = m.dt_proj.weight @ dt.transpose(1, 2)
     y = selective_scan(
-        x, dt, -torch.exp(m.A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D=m.D.float(), z=gate,
-        delta_bias=m.dt_proj.bias.float(), delta_softplus=True, backend="torch",
+        x, m.dt_proj(dt).transpose(1, 2), -torch.exp(m.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+        D=m.D.float(), z=gate, delta_softplus=True, backend="torch",
     )
     return m.out_proj(y.transpose(1, 2))
 
