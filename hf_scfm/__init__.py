@@ -22,6 +22,7 @@ _EXPORTS = {
     "load_example": "hf_scfm.data",
     "GeneTokenizer": "hf_scfm.tokenization",
     "MappingReport": "hf_scfm.tokenization",
+    "map_orthologs": "hf_scfm.tokenization",
     "DEFAULT_LORA_TARGETS": "hf_scfm.modeling.lora",
     "default_lora_targets": "hf_scfm.modeling.lora",
     "AutoModelForMaskedExpression": "hf_scfm.modeling.auto",
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from .modeling.lora import DEFAULT_LORA_TARGETS, default_lora_targets  # noqa: F401
     from .modeling.mouse_genemamba import *  # noqa: F401,F403
     from .modeling.scmamba2 import *  # noqa: F401,F403
-    from .tokenization import GeneTokenizer, MappingReport  # noqa: F401
+    from .tokenization import GeneTokenizer, MappingReport, map_orthologs  # noqa: F401
 
 
 def _family_exports() -> dict[str, str]:

@@ -125,5 +125,5 @@ def test_errors_and_symbols(rank_model):
     by_symbol = in_silico_perturb(model, adata[:4], "Ins2", tokenizer=tok, max_length=MAX_LEN)
     assert by_symbol.summary.iloc[0]["symbol"] == "Ins2" and by_symbol.summary.iloc[0]["n_cells"] >= 1
     binned = small_tokenizer(adata, "mouse", "binned")
-    with pytest.raises(ValueError, match="rank-ordered sentence"):
+    with pytest.raises(ValueError, match="encodes cells otherwise than model.*encoding 'binned' \\(model: 'rank'\\)"):
         in_silico_perturb(model, adata, ["Ins2"], tokenizer=binned, mode="overexpress")

@@ -2,14 +2,15 @@
 ``push_to_hub`` to the local Hub (``tests/hub_server.py``), loads with ``trust_remote_code=True`` in a Python that
 cannot import hf_scfm (``python -I``, fixture ``python_without_hf_scfm``) and gives the original's outputs.
 
-One parametrised test per family: the tokenizer half (the tokenizer pushed to the same repos and encoding an AnnData
-there) plugs into :func:`_push_family` / the subprocess code without a second test.
+One parametrised test per family checks every head on fixed ids; one more test pushes each family's tokenizer and
+base model into one repo and, without hf_scfm, encodes an AnnData there and feeds it to the model.
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,88 @@ def test_save_pretrained_writes_the_whole_auto_map_and_code_for_a_bare_config(tm
     CellFMConfig.from_preset("tiny").save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == auto_map("cellfm")
     assert {"configuration_cellfm.py", "special_tokens.py"} <= {p.name for p in tmp_path.glob("*.py")}
+
+
+
+# The joint subprocess: per family, model and tokenizer from ONE repo, an AnnData encoded there and fed to the model.
+JOINT_LOADER = r"""
+import json, anndata, torch
+from transformers import AutoModel, AutoTokenizer
+
+result = {}
+for repo, h5ad in json.loads(PAYLOAD).items():
+    tok = AutoTokenizer.from_pretrained(repo, trust_remote_code=True)
+    model = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()
+    enc = tok(anndata.read_h5ad(h5ad), return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=enc["input_ids"], values=enc["values"], attention_mask=enc["attention_mask"],
+                    return_dict=True)
+    result[repo] = {
+        "classes": [type(tok).__name__, type(model).__name__],
+        "modules": [type(tok).__module__, type(model).__module__],
+        "ids": enc["input_ids"].tolist(),
+        "outputs": {k: v.double().flatten().tolist() for k, v in out.items() if torch.is_tensor(v)},
+    }
+print("RESULT" + json.dumps(result))
+"""
+
+
+def test_model_and_tokenizer_from_one_repo_encode_an_anndata_without_hf_scfm(tmp_path, hub_server,
+                                                                             python_without_hf_scfm):
+    """Issue 18's whole path, per family: its tokenizer (a 300-gene vocabulary of the family's encoding) and base
+    model saved into one folder with plain ``save_pretrained``, pushed with plain ``push_to_hub``; without hf_scfm,
+    ``AutoTokenizer`` + ``AutoModel`` with ``trust_remote_code=True`` encode an AnnData to the original's ids and the
+    model gives the original's outputs."""
+    import importlib
+
+    import hf_scfm
+    from hf_scfm.tokenization import GeneTokenizer
+    from hf_scfm.training.families import get_family
+
+    payload, expected = {}, {}
+    for model_type in FAMILIES:
+        family = get_family(model_type)
+        adata = hf_scfm.load_example("baron_mouse" if family.species == "mouse" else "baron_human")[:12].copy()
+        full = GeneTokenizer.from_species(family.species, encoding=family.encoding)
+        unmatched = full.mapping_report(adata).unmatched
+        genes = [g for g in adata.var_names if g not in unmatched][:300]
+        adata.obs["n_counts"] = np.asarray(adata.X.sum(1)).ravel()  # the library size of all genes
+        adata = adata[:, genes].copy()
+        h5ad = tmp_path / f"{model_type}.h5ad"
+        adata.write_h5ad(h5ad)
+        tok = GeneTokenizer.from_species(family.species, genes=genes, encoding=family.encoding,
+                                         model_max_length=40, seed=1)
+        if family.encoding == "rank":
+            tok.fit_medians(adata)
+        package = importlib.import_module(family_package(model_type))
+        config = getattr(package, family.config_class).from_preset("tiny", vocab_size=len(tok),
+                                                                     vocab_checksum=tok.vocab_checksum)
+        torch.manual_seed(0)
+        model = getattr(package, family.model_class)(config).eval()
+        model.save_pretrained(tmp_path / model_type)
+        tok.save_pretrained(tmp_path / model_type)
+        repo = f"hf-scfm/{model_type}-with-tokenizer"
+        model.push_to_hub(repo)
+        tok.push_to_hub(repo)
+        enc = tok(adata, return_tensors="pt")
+        assert (enc["attention_mask"].sum(1) > 10).all()  # real sentences, not just special tokens
+        with torch.no_grad():
+            out = model(input_ids=enc["input_ids"], values=enc["values"], attention_mask=enc["attention_mask"],
+                        return_dict=True)
+        payload[repo] = str(h5ad)
+        expected[repo] = (type(model).__name__, enc["input_ids"].tolist(),
+                          {k: v.double().flatten() for k, v in out.items() if torch.is_tensor(v)})
+
+    proc = python_without_hf_scfm(f"PAYLOAD = {json.dumps(payload)!r}\n" + JOINT_LOADER, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for repo, (class_name, ids, outputs) in expected.items():
+        got = result[repo]
+        assert got["classes"] == ["GeneTokenizer", class_name], repo
+        assert all(m.startswith("transformers_modules.") for m in got["modules"]), got["modules"]
+        assert got["ids"] == ids, repo
+        assert set(got["outputs"]) == set(outputs), repo
+        for key, values in outputs.items():
+            diff = (torch.tensor(got["outputs"][key], dtype=torch.float64) - values).abs().max().item()
+            assert diff <= 1e-6, (repo, key, diff)
+    assert hub_server.unhandled == []

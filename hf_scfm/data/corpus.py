@@ -54,7 +54,7 @@ from typing import Any, ClassVar
 
 from .corpus_card import write_card
 from .corpus_inputs import expand_inputs, scan_sources, source_names
-from .loading import DATA_DIR, CorpusFormatError, read_shard_metadata
+from .loading import BUILD_FILE, DATA_DIR, CorpusFormatError, read_shard_metadata
 from .shards import (
     TMP_PREFIX,
     arrow_schema,
@@ -83,6 +83,8 @@ class CorpusBuildReport:
     shards_skipped: int
     cells_per_source: dict[str, int] = field(default_factory=dict)
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: cells whose counts all fall in genes outside the vocabulary (special tokens only; a warning says so)
+    n_cells_without_genes: int = 0
 
 
 # --------------------------------------------------------------------------- tokenizer handling
@@ -103,10 +105,9 @@ def tokenizer_settings(tokenizer) -> dict[str, Any]:
             continue
         settings[key] = value
     settings["vocab_checksum"] = getattr(tokenizer, "vocab_checksum", None)
-    medians = getattr(tokenizer, "gene_medians", None)
-    if settings.get("encoding") == "rank" and medians:
-        blob = json.dumps(sorted(medians.items())).encode()
-        settings["medians_checksum"] = hashlib.sha256(blob).hexdigest()
+    medians_checksum = dict(getattr(tokenizer, "encoding_settings", None) or {}).get("medians_checksum")
+    if settings.get("encoding") == "rank" and medians_checksum:
+        settings["medians_checksum"] = medians_checksum
     return settings
 
 
@@ -244,6 +245,10 @@ def build_corpus(
         for f in stray:
             os.remove(os.path.join(data_dir, f))
 
+    build_file = os.path.join(out_dir, BUILD_FILE)
+    with open(build_file, "w", encoding="utf-8") as fh:  # load_corpus refuses the corpus until this says complete
+        json.dump({"complete": False, "shards": sorted(planned)}, fh, indent=2)
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=to_build_cells, unit="cell", desc="tokenizing", disable=not progress)
@@ -260,15 +265,37 @@ def build_corpus(
 
     files = [os.path.join(data_dir, f) for f in sorted(planned)]
     infos = [read_shard_metadata(f)[0] for f in files]
+    n_without_genes = _cells_without_genes(files, tokenizer)
+    if n_without_genes:
+        warnings.warn(f"{n_without_genes:,} cells of the corpus have counts only in genes outside the tokenizer's "
+                      "vocabulary: their sentences hold special tokens only (CorpusBuildReport.n_cells_without_genes). "
+                      "Check the gene names, or filter those cells (tokenizer.cells_without_genes(adata)).",
+                      stacklevel=2)
     total_bytes = sum(os.path.getsize(f) for f in files)
     per_source, labels = write_card(
         out_dir, features, settings, infos, total_bytes, dataset_name or os.path.basename(os.path.abspath(out_dir)), obs_kinds
     )
-    return CorpusBuildReport(
+    report = CorpusBuildReport(
         out_dir=out_dir, n_cells=sum(i["n_cells"] for i in infos), n_shards=len(files),
         shards_written=sum(len(j["shards"]) for j in jobs), shards_skipped=skipped,
-        cells_per_source=per_source, label_counts=labels,
+        cells_per_source=per_source, label_counts=labels, n_cells_without_genes=n_without_genes,
     )
+    with open(build_file, "w", encoding="utf-8") as fh:
+        json.dump({"complete": True, "shards": sorted(planned)}, fh, indent=2)
+    return report
+
+
+def _cells_without_genes(files, tokenizer) -> int:
+    """Cells whose sentence holds special tokens only (no vocabulary gene expressed), from the shards' lengths.
+    Zero for a tokenizer writing every gene (binned with include_zero_genes), whose sentences are never empty."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if getattr(tokenizer, "include_zero_genes", False) and getattr(tokenizer, "encoding", None) == "binned":
+        return 0
+    n_special = len(getattr(tokenizer, "prefix_tokens", [])) + len(getattr(tokenizer, "suffix_tokens", []))
+    return sum(int(pc.sum(pc.less_equal(pq.read_table(f, columns=["length"])["length"], n_special)).as_py() or 0)
+               for f in files)
 
 
 def _split_jobs(jobs: list[dict], num_proc: int) -> list[dict]:

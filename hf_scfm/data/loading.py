@@ -85,6 +85,52 @@ def corpus_files(path_or_repo_id: str | os.PathLike, *, revision: str | None = N
     return [f"hf://{f}" for f in files]
 
 
+#: ``{"complete": bool, "shards": [file names]}`` in a corpus folder, written by ``build_corpus`` before the first
+#: shard (``complete: false``) and rewritten when every shard is there: a build that was killed leaves it false.
+BUILD_FILE = "hf_scfm_build.json"
+
+
+def check_build_complete(path_or_repo_id, files: Sequence[str]) -> None:
+    """:class:`CorpusFormatError` when the local corpus folder's build did not finish (``BUILD_FILE`` says so) or
+    a shard it lists is missing; nothing for folders without the file (shards copied by hand, Hub repos)."""
+    path = os.fspath(path_or_repo_id)
+    if not os.path.isdir(path):
+        return
+    marker = next((os.path.join(d, BUILD_FILE) for d in (path, os.path.dirname(os.path.abspath(path)))
+                   if os.path.isfile(os.path.join(d, BUILD_FILE))), None)
+    if marker is None:
+        return
+    with open(marker, encoding="utf-8") as fh:
+        build = json.load(fh)
+    present = {os.path.basename(f) for f in files}
+    missing = [name for name in build.get("shards", []) if name not in present]
+    if not build.get("complete") or missing:
+        raise CorpusFormatError(
+            f"The corpus {path!r} is incomplete: its build did not finish ({len(present & set(build.get('shards', [])))}"
+            f" of {len(build.get('shards', []))} shards{', missing ' + ', '.join(missing[:3]) if missing else ''}). "
+            "Re-run build_corpus (hf-scfm tokenize) with the same arguments to finish it (finished shards are kept), "
+            "or pass allow_partial=True to read the shards there are on purpose."
+        )
+
+
+def check_shard_data(files: Sequence[str]) -> None:
+    """Decode every page of each shard: :class:`CorpusFormatError` naming the first whose data is corrupt although
+    its footer reads (what ``validate_corpus``, which reads footers only, cannot see). Called when reading failed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in files:
+        try:
+            with _open(path) as fh:
+                pq.ParquetFile(fh).read()
+        except (pa.ArrowException, OSError) as err:
+            raise CorpusFormatError(
+                f"Shard {path!r} is corrupt: its footer reads but its data cannot be decoded ({type(err).__name__}: "
+                f"{err}). Delete it and re-run build_corpus with the same arguments (finished shards are kept), or "
+                "download it again."
+            ) from err
+
+
 def _open(path: str):
     if _is_remote(path):
         import fsspec
@@ -181,6 +227,7 @@ def load_corpus(
     revision: str | None = None,
     cache_dir: str | None = None,
     num_proc: int | None = None,
+    allow_partial: bool = False,
 ):
     """Load a corpus built by :func:`hf_scfm.data.build_corpus` as a ``datasets`` dataset.
 
@@ -201,6 +248,8 @@ def load_corpus(
             :func:`validate_corpus`); errors name the offending file.
         revision: branch, tag or commit of a Hub repo.
         cache_dir, num_proc: passed to ``load_dataset`` (map-style only for ``num_proc``).
+        allow_partial: read the shards of a corpus whose build did not finish (refused otherwise: the builder
+            records in ``hf_scfm_build.json`` whether it finished).
 
     Returns:
         ``datasets.Dataset`` or ``datasets.IterableDataset`` with one row per cell. The tokenizer
@@ -209,6 +258,8 @@ def load_corpus(
     import datasets
 
     files = corpus_files(path_or_repo_id, revision=revision)
+    if not allow_partial:
+        check_build_complete(path_or_repo_id, files)
     settings = validate_corpus(files, tokenizer=tokenizer) if validate else None
     if columns is not None:
         columns = list(columns)
@@ -223,7 +274,11 @@ def load_corpus(
         kwargs["cache_dir"] = cache_dir
     if num_proc is not None and not streaming:
         kwargs["num_proc"] = num_proc
-    ds = datasets.load_dataset("parquet", **kwargs)
+    try:
+        ds = datasets.load_dataset("parquet", **kwargs)
+    except Exception:  # a shard whose data does not decode (footer intact): name it; anything else as it was
+        check_shard_data(files)
+        raise
     if settings is not None:
         ds.info.description = json.dumps({"hf_scfm_tokenizer": settings}, sort_keys=True)
     if shuffle:

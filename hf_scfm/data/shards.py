@@ -31,16 +31,17 @@ def load_tokenizer(path: str):
     return GeneTokenizer.from_pretrained(path)
 
 
-def tokenize_chunk(tokenizer, counts, gene_ids, n_counts, max_length: int | None, cell_names=None):
+def tokenize_chunk(tokenizer, counts, gene_ids, n_counts, max_length: int | None, cell_names=None, species=None):
     """Tokenize one chunk of counts; return (offsets int32 [n+1], flat ids int32, flat values float32, lengths int32).
 
     ``GeneTokenizer.encode_flat`` gives the unpadded sentences as flat arrays, which become Arrow list
     columns without a Python loop and without a padded ``[B, L]`` array. A tokenizer without it is
     called as usual (right padding, as its contract says) and the real tokens are taken out. ``cell_names``
-    (the chunk's obs names) name the cells in the tokenizer's errors (an empty cell, say).
+    (the chunk's obs names) name the cells in the tokenizer's errors (an empty cell, say); ``species`` (what the
+    source declares in ``uns["species"]``) goes to the tokenizer's species check.
     """
     if not hasattr(tokenizer, "encode_flat"):
-        return tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length, cell_names)
+        return tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length, cell_names, species)
     import pandas as pd
 
     from ..tokenization.anndata_io import CountSource
@@ -49,15 +50,18 @@ def tokenize_chunk(tokenizer, counts, gene_ids, n_counts, max_length: int | None
     # or re-checked per chunk, and the tokenizer finds their column map by identity
     obs = None if cell_names is None else pd.DataFrame(index=pd.Index(cell_names).astype(str))
     chunk = CountSource(matrix=counts, var_names=gene_ids, obs=obs, n_obs=counts.shape[0],
-                        library_sizes=None if n_counts is None else np.asarray(n_counts, dtype=np.float64))
+                        library_sizes=None if n_counts is None else np.asarray(n_counts, dtype=np.float64),
+                        species=species)
     flat = tokenizer.encode_flat(chunk, max_length=max_length, truncation=True)
     return (flat["offsets"].astype(np.int32), flat["input_ids"].astype(np.int32, copy=False),
             flat["values"], flat["length"].astype(np.int32))
 
 
-def tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length: int | None, cell_names=None):
+def tokenize_chunk_padded(tokenizer, counts, gene_ids, n_counts, max_length: int | None, cell_names=None,
+                          species=None):
     """:func:`tokenize_chunk` through the tokenizer's padded ``__call__`` (any tokenizer; the path before
-    ``encode_flat``, kept for tokenizers without it and as the benchmark's baseline)."""
+    ``encode_flat``, kept for tokenizers without it and as the benchmark's baseline). ``species`` is not passed on:
+    a plain ``__call__`` takes no declared species (the species check then reads the gene names alone)."""
     enc = tokenizer(counts, gene_ids=gene_ids, n_counts=n_counts, max_length=max_length, padding=True,
                     truncation=True, return_tensors="np")
     ids, values, mask = (np.asarray(enc[k]) for k in ("input_ids", "values", "attention_mask"))
@@ -175,7 +179,7 @@ def _encoded_chunks(src, source, shards, *, tokenizer, max_length, chunk_size, s
             obs = src.obs.iloc[lo:hi]
             try:
                 offsets, ids, values, lengths = tokenize_chunk(tokenizer, counts, gene_names, lib, max_length,
-                                                               obs.index)
+                                                               obs.index, species=src.species)
             except ValueError as err:
                 raise ValueError(f"{source.path or source.name} (cells {lo}:{hi}): {err}") from err
             obs_arrays, label_chunk = _obs_arrays(obs, obs_kinds)

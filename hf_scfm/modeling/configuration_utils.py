@@ -34,18 +34,33 @@ class PresetMixin:
 
 
 def check_tokenizer_matches(config, tokenizer) -> None:
-    """Raise if ``tokenizer`` is not the vocabulary ``config`` was built for.
+    """Raise if ``tokenizer`` is not the vocabulary and encoding ``config`` was built for.
 
-    Compares the vocabulary size and, when the config records one, the vocabulary checksum
-    (``config.vocab_checksum`` against ``tokenizer.vocab_checksum``). Call it wherever a model and a
-    tokenizer meet (pipelines, training, tasks): a mismatch would silently map genes to the wrong rows
-    of the embedding table.
+    Compares the vocabulary size, the vocabulary checksum (``config.vocab_checksum`` against
+    ``tokenizer.vocab_checksum``) and the encoding settings (``config.tokenizer_settings`` against
+    ``tokenizer.encoding_settings``: encoding, n_bins, gene subset, medians). A config that records no checksum or
+    settings yet (one built with ``from_preset``) gets the tokenizer's on this first pairing, so it is saved with
+    them and every later pairing is checked. Call it wherever a model and a tokenizer meet (pipelines, training,
+    tasks): a mismatch would silently map genes to the wrong rows of the embedding table, or feed values encoded
+    another way than the model learned.
     """
     tok_size = len(tokenizer)
     tok_sum = getattr(tokenizer, "vocab_checksum", None)
     cfg_sum = getattr(config, "vocab_checksum", None)
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     model = getattr(config, "_name_or_path", "") or config.model_type
+    tok_settings = getattr(tokenizer, "encoding_settings", None)
+    cfg_settings = getattr(config, "tokenizer_settings", None)
+    if cfg_settings and tok_settings is not None:
+        changed = [f"{key} {tok_settings.get(key)!r} (model: {value!r})" for key, value in cfg_settings.items()
+                   if tok_settings.get(key) != value]
+        if changed:
+            raise ValueError(
+                f"Tokenizer {name!r} encodes cells otherwise than model {model!r} was trained with: "
+                f"{'; '.join(changed)}. The model would read values it never learned. Load the tokenizer saved with "
+                "the model, unedited (AutoTokenizer.from_pretrained(<model dir or repo>)), or train a model for "
+                "these settings."
+            )
     if cfg_sum is not None and tok_sum is not None and cfg_sum != tok_sum:
         raise ValueError(
             f"Tokenizer {name!r} (vocabulary checksum {tok_sum}, {tok_size} tokens) does not match model "
@@ -57,3 +72,7 @@ def check_tokenizer_matches(config, tokenizer) -> None:
             f"Tokenizer {name!r} has {tok_size} tokens but model {model!r} has vocab_size {config.vocab_size}: "
             "token ids would index past the embedding table. Load the tokenizer saved with the model."
         )
+    if cfg_sum is None and tok_sum is not None:
+        config.vocab_checksum = tok_sum  # first pairing: recorded, so the saved model is checked from now on
+    if not cfg_settings and tok_settings is not None:
+        config.tokenizer_settings = dict(tok_settings)

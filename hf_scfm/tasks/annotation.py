@@ -25,6 +25,11 @@ Choices, and why:
   (:meth:`~hf_scfm.tokenization.GeneTokenizer.check_genes`: its thresholds, and its gene subset when the model
   was fine-tuned on selected genes), so the error names the species of the model and the usual fixes (gene
   symbols vs Ensembl IDs, other species) instead of failing inside a batch.
+* **Cells with no gene of the vocabulary expressed** (every count in genes the tokenizer does not know) are left
+  *not annotated*: missing prediction, NaN confidence and probabilities, a warning naming them, excluded from the
+  metrics (``n_not_annotated``). A label read from a sentence of special tokens only would be the model's prior,
+  not a reading of the cell. A NaN output for any other cell is an **error** naming the cells (corrupted or
+  diverged weights): a NaN is never written as a label.
 * **Non-count input** (log-normalised, scaled, negative, NaN, empty cells) is refused by the tokenizer with
   the message of :func:`hf_scfm.tokenization.anndata_io.validate_counts`; nothing is re-implemented here.
 * **scanpy's convention**, as every task here: :func:`annotate` writes into the AnnData it is given and returns
@@ -76,12 +81,13 @@ def score_predictions(predictions: Sequence, labels: Sequence, known_classes: Se
     from ..training.finetune import classification_metrics
 
     labels = pd.Series(list(labels), dtype=object)
+    not_annotated = pd.Series(list(predictions), dtype=object).isna().to_numpy()
     predictions = np.asarray([str(p) for p in predictions], dtype=object)
     missing = labels.isna().to_numpy()
     labels = labels.astype(str).to_numpy(dtype=object)
     known = set(map(str, known_classes))
-    scored = ~missing & np.isin(labels, list(known))
-    unseen = pd.Series(labels[~scored & ~missing]).value_counts()
+    scored = ~missing & np.isin(labels, list(known)) & ~not_annotated
+    unseen = pd.Series(labels[~missing & ~np.isin(labels, list(known))]).value_counts()
     unseen_labels = {str(k): int(v) for k, v in unseen.items()}
     if warn and (unseen_labels or missing.any()):
         parts = []
@@ -90,6 +96,10 @@ def score_predictions(predictions: Sequence, labels: Sequence, known_classes: Se
                          f"({', '.join(f'{k}: {v}' for k, v in unseen_labels.items())})")
         if missing.any():
             parts.append(f"{int(missing.sum())} cell(s) with a missing label")
+    if warn and not_annotated.any():
+        warnings.warn(f"{source}: {int(not_annotated.sum())} cell(s) not annotated (no gene of the model's "
+                      "vocabulary expressed) are excluded from the metrics.", stacklevel=2)
+    if warn and (unseen_labels or missing.any()):
         warnings.warn(f"{source}: {' and '.join(parts)} are annotated but excluded from the metrics: a classifier "
                       "over the training labels cannot predict those labels.", stacklevel=2)
     if not scored.any():
@@ -98,7 +108,7 @@ def score_predictions(predictions: Sequence, labels: Sequence, known_classes: Se
                          "--label-key and that the model was fine-tuned on the same cell-type vocabulary.")
     metrics = classification_metrics(predictions[scored], labels[scored])
     metrics.update(n_cells=int(len(labels)), n_scored=int(scored.sum()), n_excluded=int((~scored).sum()),
-                   unseen_labels=unseen_labels)
+                   unseen_labels=unseen_labels, n_not_annotated=int(not_annotated.sum()))
     return metrics
 
 
@@ -127,7 +137,8 @@ def annotate(model, query, *, label_key: str | None = None, batch_size: int = 64
     import numpy as np
     import pandas as pd
 
-    from .inference import iter_model_outputs, load_model_and_tokenizer, result_target
+    from ..tokenization import EmptyCellWarning
+    from .inference import check_finite_outputs, iter_model_outputs, load_model_and_tokenizer, result_target
 
     adata, returned = result_target(query, copy)
     if label_key is not None:
@@ -139,17 +150,27 @@ def annotate(model, query, *, label_key: str | None = None, batch_size: int = 64
     id2label = {int(k): str(v) for k, v in net.config.id2label.items()}
     classes = [id2label[i] for i in range(len(id2label))]
     tokenizer.check_genes(adata)
+    empty = tokenizer.cells_without_genes(adata, layer=layer)
+    if empty.any():
+        warnings.warn(f"{int(empty.sum()):,} of {adata.n_obs:,} query cells have counts only in genes outside the "
+                      f"model's vocabulary (e.g. {', '.join(map(str, adata.obs_names[empty][:5]))}): they are left "
+                      f"not annotated (obs[{PREDICTION_KEY!r}] missing, confidence NaN) instead of given a label "
+                      "read from no gene.", stacklevel=2)
 
     chunks = []
-    for _, _, outputs in iter_model_outputs(net, tokenizer, adata, batch_size=batch_size, max_length=max_length,
-                                            layer=layer, progress=progress, desc="annotate"):
-        chunks.append(outputs.logits.detach().double().softmax(-1).cpu().numpy())
+    with warnings.catch_warnings():  # the tokenizer's per-batch warning about those cells: said once above
+        warnings.simplefilter("ignore", EmptyCellWarning)
+        for _, _, outputs in iter_model_outputs(net, tokenizer, adata, batch_size=batch_size, max_length=max_length,
+                                                layer=layer, progress=progress, desc="annotate"):
+            chunks.append(outputs.logits.detach().double().softmax(-1).cpu().numpy())
     probs = np.concatenate(chunks)
     if probs.shape[1] != len(classes):
         raise ValueError(f"The model outputs {probs.shape[1]} classes but its config names {len(classes)}.")
-    best = probs.argmax(1)
+    check_finite_outputs(probs, adata.obs_names, "output", skip=empty)  # a NaN is never written as a label
+    probs[empty] = np.nan
+    best = np.where(empty, -1, np.nan_to_num(probs).argmax(1))
     adata.obs[PREDICTION_KEY] = pd.Categorical.from_codes(best, categories=classes)
-    adata.obs[CONFIDENCE_KEY] = probs.max(1).astype(np.float32)
+    adata.obs[CONFIDENCE_KEY] = np.where(empty, np.nan, np.nan_to_num(probs).max(1)).astype(np.float32)
     adata.obsm[PROBABILITIES_KEY] = probs.astype(np.float32)
     adata.uns[CLASSES_KEY] = np.asarray(classes, dtype=object)
     if label_key is not None:
@@ -176,9 +197,10 @@ def confusion_counts(predictions, labels, classes: Sequence[str]):
 
     classes = [str(c) for c in classes]
     labels = pd.Series(list(labels), dtype=object)
-    keep = labels.notna().to_numpy() & labels.astype(str).isin(classes).to_numpy()
+    predictions = pd.Series(list(predictions), dtype=object)
+    keep = labels.notna().to_numpy() & labels.astype(str).isin(classes).to_numpy() & predictions.notna().to_numpy()
     truth = labels.astype(str).to_numpy()[keep]
-    pred = np.asarray([str(p) for p in predictions], dtype=object)[keep]
+    pred = predictions.astype(str).to_numpy()[keep]
     rows = [c for c in classes if c in set(truth)]
     row_of, col_of = {c: i for i, c in enumerate(rows)}, {c: i for i, c in enumerate(classes)}
     counts = np.zeros((len(rows), len(classes)), dtype=np.int64)
@@ -271,6 +293,9 @@ def annotate_h5ad(args: AnnotateArguments):
     counts = result.obs[PREDICTION_KEY].value_counts()
     print(f"Annotated {result.n_obs:,} cells -> {out}")
     print("predicted: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
+    n_missing = int(result.obs[PREDICTION_KEY].isna().sum())
+    if n_missing:
+        print(f"not annotated (no gene of the model's vocabulary expressed): {n_missing}")
     if args.label_key:
         m = result.uns[METRICS_KEY]
         print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['f1_macro']:.4f}  macro precision "

@@ -144,7 +144,7 @@ def embed(model, query, *, tokenizer=None, batch_size: int = 64, max_length: int
         layer: read the counts from ``adata.layers[layer]`` instead of ``X``.
         copy: write into a copy of ``query`` and return it.
     """
-    from .inference import result_target
+    from .inference import check_finite_outputs, result_target
 
     if gene_embeddings not in (None, *GENE_KINDS):
         raise ValueError(f"gene_embeddings={gene_embeddings!r}: choose None, 'input' or 'context'.")
@@ -152,6 +152,7 @@ def embed(model, query, *, tokenizer=None, batch_size: int = 64, max_length: int
     adata, returned = result_target(query, copy)
     cells, genes = _run(model, tokenizer, adata, context=gene_embeddings == "context", batch_size=batch_size,
                         max_length=max_length, layer=layer, progress=progress)
+    check_finite_outputs(cells, adata.obs_names, "cell embedding")
     key = embedding_key(model)
     adata.obsm[key] = cells
     adata.uns[f"{key}_params"] = {"model_type": model.config.model_type, "batch_size": int(batch_size),

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_model_and_tokenizer", "read_cells", "result_target", "iter_model_outputs"]
+__all__ = ["load_model_and_tokenizer", "read_cells", "result_target", "iter_model_outputs", "check_finite_outputs"]
 
 #: What :func:`load_model_and_tokenizer` may return: the backbone, the classifier, or whatever class was saved.
 KINDS = ("base", "classifier", "saved")
@@ -133,3 +133,21 @@ def iter_model_outputs(model, tokenizer, adata, *, batch_size: int = 64, max_len
             yield rows, inputs, outputs
     finally:
         bar.close()
+
+
+def check_finite_outputs(values, obs_names, what: str, skip=None) -> None:
+    """``ValueError`` naming the cells whose row of ``values`` (``[n_cells, ...]``) is NaN or infinite (``skip``:
+    a mask of cells left out on purpose): such an output is never written as a result."""
+    import numpy as np
+
+    values = np.asarray(values)
+    bad = ~np.isfinite(values.reshape(len(values), -1)).all(1)
+    if skip is not None:
+        bad &= ~np.asarray(skip, dtype=bool)
+    if bad.any():
+        raise ValueError(
+            f"The model's {what} is NaN or infinite for {int(bad.sum()):,} of {len(values):,} cells (e.g. "
+            f"{', '.join(map(str, np.asarray(obs_names)[bad][:5]))}); nothing is written. The likely cause is "
+            "corrupted or diverged weights (a damaged model.safetensors, a fine-tuning run that diverged): download "
+            "or copy the model again, or fine-tune again with a lower learning rate."
+        )

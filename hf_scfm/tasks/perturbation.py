@@ -340,10 +340,12 @@ def perturb(args: PerturbArguments) -> dict[str, Any]:
     ``args.out`` (``model/`` as a plain checkpoint with its tokenizer, ``metrics.json``, ``per_condition.csv``,
     ``predicted_profiles.csv``, ``predicted_vs_measured_delta.png``), print a summary; returns ``{"out", "summary",
     "split", "reverse"}``. Bad inputs raise ``ValueError`` / ``FileNotFoundError`` naming the fix."""
+    from transformers import set_seed
+
+    from ..modeling.configuration_utils import check_tokenizer_matches
     from ..tokenization import GeneTokenizer
     from ..training.finetune import resolve_checkpoint
-
-    from transformers import set_seed
+    from ..training.hub import write_weights_manifest
 
     path, _, _ = resolve_checkpoint(args.model)
     tokenizer = GeneTokenizer.from_pretrained(str(path))
@@ -352,6 +354,7 @@ def perturb(args: PerturbArguments) -> dict[str, Any]:
     split = split_conditions(data.conditions, test_gene_fraction=args.test_gene_fraction, seed=args.seed,
                              control=data.control)
     model = build_perturbation_model(path, value_scale=value_scale_for(data))
+    check_tokenizer_matches(model.config, tokenizer)
     model, history = finetune_perturbation(model, tokenizer, data, split["train"], max_steps=args.max_steps,
                                            batch_size=args.batch_size, learning_rate=args.learning_rate,
                                            seed=args.seed, logging_steps=max(1, args.max_steps // 10))
@@ -360,6 +363,7 @@ def perturb(args: PerturbArguments) -> dict[str, Any]:
     out = Path(args.out)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
+    write_weights_manifest(out / "model")
     evaluation["per_condition"].to_csv(out / "per_condition.csv", index=False)
     evaluation["predicted"].to_csv(out / "predicted_profiles.csv")
     _plot(evaluation, data.mean_profile(data.control), out / "predicted_vs_measured_delta.png")

@@ -17,8 +17,10 @@ _EXPORTS = {
     "GeneTokenizer": "tokenization_gene",
     "GeneTable": "gene_tables",
     "MappingReport": "gene_tables",
+    "EmptyCellWarning": "tokenization_gene",
     "load_gene_table": "gene_tables",
     "map_genes": "gene_tables",
+    "map_orthologs": "orthologs",
     "SPECIAL_TOKENS": "special_tokens",
 }
 
@@ -26,8 +28,9 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from .gene_tables import GeneTable, MappingReport, load_gene_table, map_genes
+    from .orthologs import map_orthologs
     from .special_tokens import SPECIAL_TOKENS
-    from .tokenization_gene import ENCODINGS, GeneTokenizer
+    from .tokenization_gene import ENCODINGS, EmptyCellWarning, GeneTokenizer
 
 
 def __getattr__(name: str):

@@ -12,6 +12,9 @@ from here. Two public functions the tokenizer and the corpus builder share:
 * :func:`validate_counts` raises a clear error for NaN / infinite / negative values, non-integer or
   log-normalised values where raw counts are expected, and cells whose library size is zero.
 
+float16 matrices (in memory, or dense or CSR on disk) are read chunk by chunk and upcast to float32 (scipy.sparse
+has no float16), with a warning when counts above 2,048 show that float16 has rounded them.
+
 Choices: cells with no counts are an **error** (not silently dropped), because every output row of the
 tokenizer must correspond to an input row; filter them first (the message says how).
 """
@@ -25,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 __all__ = ["CountSource", "open_count_source", "iter_count_chunks", "validate_counts", "read_h5ad",
-           "log_normalize_counts"]
+           "log_normalize_counts", "declared_species"]
 
 #: Largest value below which non-integer data with no value above it is called "log-normalised".
 _LOG_MAX = 30.0
@@ -61,6 +64,7 @@ class CountSource:
     obs: object | None  # pandas DataFrame or None
     n_obs: int
     library_sizes: np.ndarray | None = None  # float64, from obs["n_counts"] or given
+    species: str | None = None  # what the data declares: uns["species"] (or uns["organism"]) of an AnnData
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         m = self.matrix
@@ -70,16 +74,52 @@ class CountSource:
                                   shape=(stop - start, m.shape[1]))
             block.has_sorted_indices = m.has_sorted_indices
             return block if block.dtype.kind in "fc" and block.dtype.itemsize >= 4 else block.astype(np.float32)
+        if getattr(m, "dtype", None) == np.float16 and hasattr(m, "group"):  # backed sparse: scipy has no float16
+            return _float16_sparse_rows(m, start, stop)
         block = m[start:stop]
         if sp.issparse(block):
             block = block.tocsr()
         elif hasattr(block, "to_memory"):
             block = block.to_memory().tocsr()
         else:
-            block = sp.csr_matrix(np.asarray(block))
+            block = np.asarray(block)
+            block = sp.csr_matrix(_from_half(block) if block.dtype == np.float16 else block)
         if block.dtype.kind not in "fc" or block.dtype.itemsize < 4:
             block = block.astype(np.float32)
         return block
+
+
+#: Largest integer up to which float16 holds every integer exactly.
+_HALF_EXACT = 2048
+
+
+def _from_half(values: np.ndarray) -> np.ndarray:
+    """float16 values as float32, with a warning when some exceed 2,048 (float16 rounds larger integers: a count of
+    3,001 was stored as 3,000 when the file was written, and nothing can undo that)."""
+    values = values.astype(np.float32)
+    if values.size and float(values.max()) > _HALF_EXACT:
+        import warnings
+
+        warnings.warn(f"The counts are stored as float16, which holds integers exactly only up to {_HALF_EXACT:,}; "
+                      f"larger counts (here up to {float(values.max()):,.0f}) were rounded when the file was written. "
+                      "Store counts as float32 or integers to keep them exact.", stacklevel=4)
+    return values
+
+
+def _float16_sparse_rows(m, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a backed sparse float16 matrix (an h5ad written by a tool that stores half floats),
+    upcast to float32 chunk by chunk: scipy.sparse cannot hold float16, so anndata cannot slice it."""
+    fmt = getattr(m, "format", None) or ("csr" if "csr" in type(m).__name__.lower() else "csc")
+    if fmt != "csr":
+        raise ValueError(
+            f"X is a float16 {fmt.upper()} matrix on disk, which scipy.sparse (hence anndata) cannot read. Store the "
+            "counts as float32 or integers in CSR format (e.g. rewrite X with h5py, or with the tool that wrote it)."
+        )
+    group = m.group
+    indptr = np.asarray(group["indptr"][start:stop + 1], dtype=np.int64)
+    a, b = int(indptr[0]), int(indptr[-1])
+    data = _from_half(np.asarray(group["data"][a:b]))
+    return sp.csr_matrix((data, np.asarray(group["indices"][a:b]), indptr - a), shape=(stop - start, m.shape[1]))
 
 
 def open_count_source(source, gene_ids=None, layer: str | None = None, n_counts=None) -> CountSource:
@@ -95,6 +135,7 @@ def open_count_source(source, gene_ids=None, layer: str | None = None, n_counts=
 
     if isinstance(source, (str, os.PathLike)):
         source = read_h5ad(source, backed=True)
+    species = None
     if hasattr(source, "var_names") and hasattr(source, "obs") and hasattr(source, "X"):
         adata = source
         if layer is not None:
@@ -112,6 +153,7 @@ def open_count_source(source, gene_ids=None, layer: str | None = None, n_counts=
         if set(map(type, var_names)) - {str}:
             var_names = [str(v) for v in var_names]
         n_obs = adata.n_obs
+        species = declared_species(adata)
     elif isinstance(source, pd.DataFrame):
         matrix, var_names, obs, n_obs = source.to_numpy(), [str(c) for c in source.columns], pd.DataFrame(index=source.index.astype(str)), len(source)
     else:
@@ -137,7 +179,18 @@ def open_count_source(source, gene_ids=None, layer: str | None = None, n_counts=
         lib = np.asarray(n_counts, dtype=np.float64).ravel()
         if lib.shape[0] != n_obs:
             raise ValueError(f"n_counts has {lib.shape[0]} entries for {n_obs} cells.")
-    return CountSource(matrix=matrix, var_names=var_names, obs=obs, n_obs=n_obs, library_sizes=lib)
+    return CountSource(matrix=matrix, var_names=var_names, obs=obs, n_obs=n_obs, library_sizes=lib,
+                       species=species)
+
+
+def declared_species(adata) -> str | None:
+    """The species an AnnData declares: ``uns["species"]`` or ``uns["organism"]`` (a string), else None."""
+    uns = getattr(adata, "uns", None) or {}
+    for key in ("species", "organism"):
+        value = uns.get(key) if hasattr(uns, "get") else None
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
 
 
 def iter_count_chunks(source, chunk_size: int = 4096, gene_ids=None, layer: str | None = None, n_counts=None,

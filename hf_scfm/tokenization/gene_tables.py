@@ -85,6 +85,131 @@ def species_of_ids(ids) -> str | None:
     return None
 
 
+#: Human and mouse Ensembl gene IDs (``ENSG00000141510``, ``ENSMUSG00000059552``), versioned or not.
+_SPECIES_ID_RE = {"human": re.compile(r"^ENSG\d{6,}"), "mouse": re.compile(r"^ENSMUSG\d{6,}")}
+#: Human-only symbols with lowercase letters (``C1orf112``, ``CXorf21``): not counted as "capitalised".
+_HUMAN_ORF_RE = re.compile(r"^C(\d+|X|Y)orf\d+")
+#: Evidence thresholds of :func:`judge_species` (see :class:`SpeciesEvidence`).
+_MIN_SYMBOLS, _CASE_SHARE, _ID_SHARE, _RATE_MARGIN = 20, 0.8, 0.9, 0.05
+
+
+@dataclass
+class SpeciesEvidence:
+    """What the gene names of an input say about its species (what :func:`judge_species` decides from).
+
+    * ``declared``: the species the data declares (``adata.uns["species"]`` or ``uns["organism"]``), as given.
+    * ``ids``: Ensembl IDs per species prefix (``ENSG``: human, ``ENSMUSG``: mouse) and ``n_ids`` of any species.
+    * ``upper`` / ``capitalised``: symbols written like human ones (no lowercase letter: ``INS``, ``MT-ND1``) and
+      like mouse ones (lowercase letters after the first: ``Ins1``, ``0610007P14Rik``, ``mt-Nd1``); human
+      ``C1orf112``-style names count as neither. Symbols of the two species often agree up to case, and the
+      tokenizer matches symbols case-insensitively, so the case is the clue.
+    * ``match_rates``: share of the names that map to each species' GENCODE table, filled in by
+      :func:`judge_species` when the other clues do not decide.
+    """
+
+    n_names: int
+    ids: dict[str, int]
+    n_ids: int
+    upper: int
+    capitalised: int
+    examples: dict[str, list[str]]
+    declared: str | None = None
+    match_rates: dict[str, float] = field(default_factory=dict)
+    names: tuple = field(default=(), repr=False)
+
+    def with_declared(self, declared) -> "SpeciesEvidence":
+        """This evidence with ``declared`` (the input's own statement of its species) added."""
+        from dataclasses import replace
+
+        return replace(self, declared=None if declared is None else str(declared), match_rates=self.match_rates)
+
+
+def species_evidence(names) -> SpeciesEvidence:
+    """The :class:`SpeciesEvidence` of input gene names (one pass over them; nothing is looked up)."""
+    ids = {species: 0 for species in _SPECIES_ID_RE}
+    n_ids = upper = capitalised = 0
+    examples: dict[str, list[str]] = {"upper": [], "capitalised": []}
+    for raw in names:
+        name = str(raw).strip()
+        if _ENSEMBL_RE.match(name):
+            n_ids += 1
+            for species, pattern in _SPECIES_ID_RE.items():
+                if pattern.match(name.upper()):
+                    ids[species] += 1
+            continue
+        if not any(c.isalpha() for c in name) or _HUMAN_ORF_RE.match(name):
+            continue
+        kind = "capitalised" if any(c.islower() for c in name[1:]) else "upper" if name.upper() == name else None
+        if kind == "upper":
+            upper += 1
+        elif kind == "capitalised":
+            capitalised += 1
+        if kind is not None and len(examples[kind]) < 3:
+            examples[kind].append(name)
+    return SpeciesEvidence(n_names=len(names), ids=ids, n_ids=n_ids, upper=upper, capitalised=capitalised,
+                           examples=examples, names=tuple(names))
+
+
+def judge_species(evidence: SpeciesEvidence, expected: str, table_of) -> tuple[str | None, list[str]]:
+    """``(species found, clues)``: the species the evidence points to when it is not ``expected``, else None, and
+    the clues (sentences) behind the verdict.
+
+    Strong clues, each enough to refuse: the declared species; Ensembl IDs (at least half of the names, 90% of
+    them of one species); symbols capitalised like mouse ones (80% of at least 20 symbols). Symbols written in
+    capitals are only a weak clue (some pipelines upper-case mouse symbols), so without a strong clue the match
+    rates against both species' tables decide: the other species wins when at least 20 names are given and its
+    table matches 5 points more of them. ``table_of(species)`` gives a :class:`GeneTable` (or raises
+    ``FileNotFoundError`` where the other table is not installed: that clue is then skipped).
+    """
+    clues: list[tuple[str, str, bool]] = []  # (species, sentence, strong)
+    if evidence.declared is not None:
+        try:
+            declared = normalize_species(evidence.declared)
+        except ValueError:
+            declared = str(evidence.declared)
+        clues.append((declared, f"adata.uns['species'] is {evidence.declared!r}", True))
+    if evidence.n_ids and evidence.n_ids * 2 >= evidence.n_names:
+        for species, n in evidence.ids.items():
+            if n >= _ID_SHARE * evidence.n_ids:
+                prefix = "ENSMUSG" if species == "mouse" else "ENSG"
+                clues.append((species, f"{n:,} of its {evidence.n_ids:,} Ensembl IDs are {species} ({prefix}...)", True))
+    symbols = evidence.upper + evidence.capitalised
+    if symbols >= _MIN_SYMBOLS and evidence.capitalised >= _CASE_SHARE * symbols:
+        ex = ", ".join(evidence.examples["capitalised"])
+        clues.append(("mouse", f"{evidence.capitalised / symbols:.0%} of its {symbols:,} gene symbols are written "
+                               f"like mouse symbols (e.g. {ex})", False))
+    found = next((species for species, _, _ in clues if species != expected), None)
+    # the letter case alone is not proof: names of neither species ("Gene0") are capitalised too; the tables decide
+    case_only = found is not None and not any(strong for species, _, strong in clues if species == found)
+    if (found is not None or not clues) and evidence.n_names >= _MIN_SYMBOLS and not evidence.match_rates:
+        for species in SPECIES_FILES:
+            try:
+                evidence.match_rates[species] = _match_rate(evidence, table_of(species))
+            except FileNotFoundError:
+                pass
+    rates = evidence.match_rates
+    if len(rates) == len(SPECIES_FILES):
+        other = next(s for s in rates if s != expected) if expected in rates else None
+        sentence = (f"{rates[other]:.0%} of its genes match the {other} gene table and {rates[expected]:.0%} the "
+                    f"{expected} one") if other is not None else None
+        if found is None and not clues and other is not None and rates[other] >= rates[expected] + _RATE_MARGIN:
+            found = other
+        if case_only and found in rates and rates[found] <= rates[expected]:
+            found = None  # capitalised names that the other species' table does not match better
+        if sentence is not None and (found is not None or not clues):
+            clues.append((found or expected, sentence, True))
+    elif case_only and any(species == expected for species, _, strong in clues if strong):
+        found = None  # the data declares this species; the letter case alone does not overrule it
+    return found, [sentence for _, sentence, _ in clues]
+
+
+def _match_rate(evidence: SpeciesEvidence, table: GeneTable) -> float:
+    if not evidence.names:
+        return 0.0
+    ids, _, _, _ = canonical_gene_ids(evidence.names, table)
+    return sum(i is not None for i in ids) / len(evidence.names)
+
+
 @dataclass(eq=False)
 class GeneTable:
     """One species' GENCODE genes: unversioned IDs (sorted), symbols and biotypes, with lookups.
@@ -205,6 +330,8 @@ class MappingReport:
         duplicates: input gene -> the token it shares with an earlier input gene (summed into it).
         ambiguous_candidates: ambiguous symbol -> the Ensembl IDs it could mean.
         resolved_ambiguous: ambiguous symbol -> the protein-coding ID it was mapped to.
+        species_evidence: what the names say about their species (:class:`SpeciesEvidence`), for the tokenizer's
+            species check.
     """
 
     n_input: int
@@ -214,6 +341,7 @@ class MappingReport:
     duplicates: dict[str, str] = field(default_factory=dict)
     ambiguous_candidates: dict[str, list[str]] = field(default_factory=dict)
     resolved_ambiguous: dict[str, str] = field(default_factory=dict)
+    species_evidence: SpeciesEvidence | None = field(default=None, repr=False)
 
     @property
     def match_rate(self) -> float:
@@ -328,5 +456,6 @@ def map_genes(names, vocab: dict[str, int], table: GeneTable | None, ambiguous: 
         duplicates=duplicates,
         ambiguous_candidates=candidates,
         resolved_ambiguous=resolved,
+        species_evidence=species_evidence(names),
     )
     return token_ids, report

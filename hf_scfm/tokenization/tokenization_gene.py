@@ -54,7 +54,7 @@ import numpy as np
 from transformers import BatchEncoding
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from .anndata_io import CountSource, iter_count_chunks, log_normalize_counts, open_count_source
+from .anndata_io import CountSource, declared_species, iter_count_chunks, log_normalize_counts, open_count_source
 from .encodings import (
     ColumnMap,
     assemble,
@@ -71,6 +71,7 @@ from .gene_tables import (
     GENE_TABLE_FILE,
     GeneTable,
     canonical_gene_ids,
+    judge_species,
     load_gene_table,
     map_genes,
     normalize_species,
@@ -462,7 +463,7 @@ class GeneTokenizer(TokenizersBackend):
         try:
             src = open_count_source(data, layer=layer)
             colmap, report = self._column_map(src.var_names)
-            self._check_match(report)
+            self._check_match(report, src.species)
             columns = np.flatnonzero(colmap.matched)
             blocks, obs = [], []
             for counts, chunk_obs in iter_count_chunks(src, self.chunk_size, check_counts=self.check_counts):
@@ -483,6 +484,22 @@ class GeneTokenizer(TokenizersBackend):
         chosen = [names[i] for i in np.flatnonzero(adata.var["highly_variable"].to_numpy())]
         self.select_genes(chosen)
         return list(self.gene_subset)
+
+    @property
+    def encoding_settings(self) -> dict:
+        """The settings that decide what a model reads from this tokenizer besides the vocabulary: ``encoding``,
+        ``n_bins`` (binned), ``include_zero_genes``, the checksum of the ``gene_subset`` (None: all genes) and of
+        the fitted medians (rank). A model's config records them when first paired with a tokenizer
+        (:func:`hf_scfm.modeling.configuration_utils.check_tokenizer_matches`) and every later pairing compares."""
+        settings = {"encoding": self.encoding}
+        if self.encoding == "binned":
+            settings.update(n_bins=self.n_bins, include_zero_genes=self.include_zero_genes)
+        settings["gene_subset_checksum"] = None if self.gene_subset is None else _checksum(self.gene_subset)
+        if self.encoding == "rank":
+            medians = self.gene_medians
+            settings["medians_checksum"] = (hashlib.sha256(json.dumps(sorted(medians.items())).encode()).hexdigest()
+                                            if medians else None)
+        return settings
 
     # ------------------------------------------------------------------ medians
     @property
@@ -535,7 +552,8 @@ class GeneTokenizer(TokenizersBackend):
         keys, n_cells = [], 0
         for source in sources:
             src = open_count_source(source, layer=layer)
-            colmap, _ = self._column_map(src.var_names)
+            colmap, report = self._column_map(src.var_names)
+            self._check_species(report, src.species)
             for counts, obs in iter_count_chunks(src, chunk_size or self.chunk_size, check_counts=check):
                 entries = gather_entries(counts, colmap, obs["n_counts"].to_numpy())
                 xn = entries.x_norm().astype(np.float32)
@@ -585,24 +603,71 @@ class GeneTokenizer(TokenizersBackend):
         genes), e.g. the corpus builder passing one source's names with every chunk."""
         self._last_column_map = (var_names, result) if isinstance(var_names, tuple) else None
 
+    def _names_and_species(self, data, gene_ids=None):
+        """``(gene names, declared species or None)`` of ``data`` (AnnData, h5ad path, or a list of gene names)."""
+        if isinstance(data, (list, tuple)) and gene_ids is None:
+            return data, None
+        if gene_ids is not None:
+            return gene_ids, declared_species(data)
+        src = open_count_source(data)
+        return src.var_names, src.species
+
     def mapping_report(self, data, gene_ids=None):
         """The :class:`MappingReport` of ``data``'s genes (AnnData, h5ad path, or a list of gene names)."""
-        if isinstance(data, (list, tuple)) and gene_ids is None:
-            names = data
-        elif gene_ids is not None:
-            names = gene_ids
-        else:
-            names = open_count_source(data).var_names
-        return self._column_map(names)[1]
+        return self._column_map(self._names_and_species(data, gene_ids)[0])[1]
 
     def check_genes(self, data, gene_ids=None):
-        """The :class:`MappingReport` of ``data``'s genes; ``ValueError`` naming the problem and the fix when too
-        few of them match (the check every encoding call makes, available before any work is done)."""
-        report = self.mapping_report(data, gene_ids)
-        self._check_match(report)
+        """The :class:`MappingReport` of ``data``'s genes; ``ValueError`` naming the problem and the fix when they
+        are another species' genes or too few of them match (the checks every encoding call makes, available
+        before any work is done)."""
+        names, species = self._names_and_species(data, gene_ids)
+        report = self._column_map(names)[1]
+        self._check_match(report, species)
         return report
 
-    def _check_match(self, report) -> None:
+    def _check_species(self, report, declared: str | None = None) -> None:
+        """``ValueError`` when the input's genes are another species' than this tokenizer's vocabulary.
+
+        Decided by evidence (:func:`~hf_scfm.tokenization.gene_tables.judge_species`): the species the data
+        declares (``uns["species"]``), Ensembl ID prefixes, the letter case of the symbols and, when those do not
+        decide, how many names each species' GENCODE table matches. Symbols of the two species often agree up to
+        case (``INS`` / ``Ins``), so matching alone would read a mouse cell into a human model without a word.
+        """
+        evidence = report.species_evidence
+        if self.species is None or evidence is None:
+            return
+        evidence = evidence.with_declared(declared)
+        found, clues = judge_species(evidence, self.species, self._species_table)
+        if found is None:
+            return
+        fixes = []
+        if found in ("human", "mouse"):
+            fixes.append(f"use a {found} model and tokenizer (GeneTokenizer.from_species({found!r}, ...))")
+            fixes.append(f"map the genes to their one-to-one {self.species} orthologs on purpose: adata = "
+                         f"hf_scfm.map_orthologs(adata, source={found!r}, target={self.species!r})")
+        else:
+            fixes.append("build a tokenizer of that species' Ensembl IDs (GeneTokenizer.from_genes(ids)) and a model "
+                         "for it")
+        if evidence.declared is not None:
+            fixes.append(f"if the genes are {self.species} after all, set adata.uns['species'] = {self.species!r}")
+        raise ValueError(
+            f"The input's genes look like {found} genes, but this tokenizer's vocabulary is {self.species} "
+            f"({len(self.genes):,} genes): {'; '.join(clues)}. Gene symbols of human and mouse often agree up to "
+            f"case, so the genes would match and the cells be read wrongly. Fix: {'; or '.join(fixes)}."
+        )
+
+    def _species_table(self, species: str) -> GeneTable:
+        """The full GENCODE table of ``species``; for this tokenizer's own species, where hf_scfm's tables are not
+        installed (remote code), the table saved with it."""
+        try:
+            return load_gene_table(species)
+        except FileNotFoundError:
+            if species == self.species and self.gene_table is not None:
+                return self.gene_table
+            raise
+
+    def _check_match(self, report, declared_species: str | None = None) -> None:
+        self._check_species(report, declared_species)
         rate = report.match_rate if self.gene_subset is None else report.n_tokens / len(self.gene_subset)
         if report.n_tokens >= self.min_genes and rate >= self.min_match_rate and report.n_tokens > 0:
             return
@@ -695,13 +760,14 @@ class GeneTokenizer(TokenizersBackend):
 
         src = cells if isinstance(cells, CountSource) else open_count_source(cells, gene_ids, layer, n_counts)
         colmap, report = self._column_map(src.var_names)
-        self._check_match(report)
+        self._check_match(report, src.species)
         rows_per_chunk = int(chunk_size or self.chunk_size)
         if self.encoding == "binned" and self.include_zero_genes:
             rows_per_chunk = max(1, min(rows_per_chunk, (1 << 23) // max(1, len(colmap.tokens))))
-        sentences = []
+        sentences, empty = [], []
         for counts, obs in iter_count_chunks(src, rows_per_chunk, check_counts=check):
             lib = obs["n_counts"].to_numpy()
+            empty.extend(obs.index[_rows_without_matched_counts(counts, colmap)])
             sampled = self.encoding == "continuous" or (self.encoding == "binned" and not self.include_zero_genes)
             if flat and sampled:  # compiled, straight into the flat output (None: numba missing or disabled)
                 part = encode_sampled_flat(counts, colmap, n_genes, seed,
@@ -727,7 +793,19 @@ class GeneTokenizer(TokenizersBackend):
                 else:
                     fast = encode_binned(entries, n_genes, seed, self.n_bins, self.include_zero_genes, colmap.tokens)
             sentences.append(flatten_sentences([fast], prefix, suffix, ids_dtype=np.int32) if flat else fast)
+        if empty:
+            warnings.warn(_empty_cells_message(len(empty), src.n_obs, empty), EmptyCellWarning, stacklevel=3)
         return sentences, prefix, suffix
+
+    def cells_without_genes(self, data, gene_ids=None, layer: str | None = None) -> np.ndarray:
+        """Boolean mask of the cells of ``data`` whose counts all fall in genes outside this tokenizer's vocabulary
+        (or gene subset): their sentences hold special tokens only, so a model reading them sees no cell.
+        Encoding such cells warns (:class:`EmptyCellWarning`); ``annotate`` leaves them not annotated."""
+        src = data if isinstance(data, CountSource) else open_count_source(data, gene_ids, layer)
+        colmap, _ = self._column_map(src.var_names)
+        masks = [_rows_without_matched_counts(counts, colmap)
+                 for counts, _ in iter_count_chunks(src, self.chunk_size, check_counts=False)]
+        return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
 
     def encode_flat(self, cells, gene_ids=None, *, max_length: int | None = None, truncation=True,
                     seed: int | None = None, layer: str | None = None, n_counts=None,
@@ -773,6 +851,25 @@ class GeneTokenizer(TokenizersBackend):
 # with them) at import: ``save_pretrained``/``push_to_hub`` then write ``auto_map`` and copy this folder's code.
 # tests/test_tokenizer_remote_code.py pins that this still writes a loadable auto_map.
 GeneTokenizer._auto_class = "AutoTokenizer"
+
+
+class EmptyCellWarning(UserWarning):
+    """Cells whose counts all fall in genes outside the vocabulary: encoded as special tokens only."""
+
+
+def _rows_without_matched_counts(counts, colmap: ColumnMap) -> np.ndarray:
+    """Boolean mask of the rows of a CSR chunk with no non-zero count in a matched (vocabulary) column."""
+    hit = colmap.matched[counts.indices] & (counts.data != 0)
+    per_row = np.concatenate(([0], np.cumsum(hit, dtype=np.int64)))[counts.indptr]
+    return np.diff(per_row) == 0
+
+
+def _empty_cells_message(n_empty: int, n_cells: int, names) -> str:
+    examples = ", ".join(map(str, list(names)[:5]))
+    return (f"{n_empty:,} of {n_cells:,} cells have counts only in genes outside this tokenizer's vocabulary (e.g. "
+            f"{examples}): their sentences hold special tokens only, so a model sees nothing of them. Check that the "
+            "genes are named as the vocabulary's (symbols or Ensembl IDs of its species), or filter those cells "
+            "(tokenizer.cells_without_genes(adata) gives them).")
 
 
 def _check_saved_tokenizer(files: dict, name) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
+
+from .hub import validate_checkpoint, weights_checksum, write_weights_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +144,6 @@ def quiet_load_report():
 def resolve_checkpoint(model: str) -> tuple[Path, dict, Any]:
     """Local folder of ``model`` (downloading a Hub repo), its ``config.json`` and :class:`Family`; validated."""
     from .families import family_of_config
-    from .hub import validate_checkpoint
 
     path = Path(model)
     if not path.exists():
@@ -233,6 +235,30 @@ def lora_config(model, family, r: int = 8, alpha: int = 16, dropout: float = 0.0
                       modules_to_save=list(family.classifier_modules), bias="none")
 
 
+def _base_reference(model: str, model_path: Path, out: Path) -> str:
+    """How an adapter saved in ``out`` names its base: a Hub repo id as given, a folder relative to ``out``."""
+    if not Path(model).exists():
+        return model  # a Hub repo id (resolve_checkpoint downloaded it)
+    return os.path.relpath(Path(model_path).resolve(), Path(out).resolve())
+
+
+def _resolve_base(base: str, adapter: Path) -> str:
+    """The base model folder (or Hub repo id) of the adapter in ``adapter``: an absolute path as is, a relative one
+    against the adapter folder (never the working directory, where another folder of that name may be)."""
+    if os.path.isabs(base):
+        return base
+    beside = adapter / base
+    if beside.exists():
+        return str(beside)
+    if base.count("/") == 1 and not base.startswith("."):
+        return base  # a Hub repo id
+    raise FileNotFoundError(
+        f"The adapter {adapter} names its base model {base!r}, relative to the adapter folder, and {beside} does not "
+        "exist. Put the base model there (or keep the adapter beside it as when it was trained), or set "
+        f"'base_model' in {adapter / LABEL_MAP_FILE} to the base model's folder."
+    )
+
+
 def load_finetuned(path: str | Any):
     """Load what ``hf-scfm finetune`` saved: a full/merged model, or a base model + adapter (label map applied)."""
     from .families import family_of_config
@@ -245,14 +271,24 @@ def load_finetuned(path: str | Any):
         return family.classification_cls.from_pretrained(path)
     from peft import PeftConfig, PeftModel
 
+    validate_checkpoint(path, require_tokenizer=False)  # refuses adapter_model.bin (a pickle), checks the weights
     label_map = json.loads((path / LABEL_MAP_FILE).read_text(encoding="utf-8"))
-    base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-    base_path, _, family = resolve_checkpoint(base)
+    base = label_map.get("base_model") or PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+    base_path, _, family = resolve_checkpoint(_resolve_base(base, path))
+    expected = label_map.get("base_model_checksum")
+    if expected is not None and weights_checksum(base_path) != expected:
+        raise ValueError(
+            f"The adapter {path} was trained on another base model than {base_path} (its weights' checksum differs "
+            f"from the one recorded in {LABEL_MAP_FILE}): the adapter would be applied to the wrong weights. Put the "
+            "base model it was fine-tuned from at that path, or fine-tune again on this one."
+        )
     id2label = {int(k): v for k, v in label_map["id2label"].items()}
     model = family.classification_cls.from_pretrained(
         base_path, num_labels=len(id2label), id2label=id2label, label2id=label_map["label2id"],
         ignore_mismatched_sizes=True,
     )
+    if label_map.get("tokenizer_settings"):
+        model.config.tokenizer_settings = label_map["tokenizer_settings"]
     return PeftModel.from_pretrained(model, str(path))
 
 
@@ -278,6 +314,8 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     training_args = dataclasses.replace(training_args, remove_unused_columns=False, label_names=["labels"])
     model_path, config_dict, family = resolve_checkpoint(args.model)
     tokenizer = GeneTokenizer.from_pretrained(str(model_path))
+    # the tokenizer as saved with the model (before --n-top-genes selects genes) must be the one it was trained with
+    check_tokenizer_matches(family.config_cls.from_dict(config_dict), tokenizer)
 
     # -- the cells: reference (and held-out) cells tokenized by the checkpoint's tokenizer, labels mapped to ids
     train_adata = anndata.read_h5ad(args.train)
@@ -312,6 +350,7 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         model_path, num_labels=len(label_names), id2label=id2label, label2id=label2id,
         ignore_mismatched_sizes=True, **overrides,
     )
+    model.config.tokenizer_settings = tokenizer.encoding_settings  # what the classifier reads: its gene subset
     check_tokenizer_matches(model.config, tokenizer)
     if args.lora:
         from peft import get_peft_model
@@ -340,11 +379,16 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     # -- saving: the label map, the model (adapter, merged or full), its tokenizer and card
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / LABEL_MAP_FILE).write_text(json.dumps({"id2label": {str(k): v for k, v in id2label.items()},
-                                                  "label2id": label2id}, indent=2) + "\n", encoding="utf-8")
+    label_map = {"id2label": {str(k): v for k, v in id2label.items()}, "label2id": label2id}
+    if args.lora and not args.merge:  # the adapter names its base relative to its own folder, with its checksum,
+        label_map.update(base_model=_base_reference(args.model, model_path, out),  # and what it reads (no config)
+                         base_model_checksum=weights_checksum(model_path),
+                         tokenizer_settings=tokenizer.encoding_settings)
+    (out / LABEL_MAP_FILE).write_text(json.dumps(label_map, indent=2) + "\n", encoding="utf-8")
     if args.lora and args.merge:
         model = model.merge_and_unload()
     model.save_pretrained(out)
+    write_weights_manifest(out)
     if args.max_length:  # the saved tokenizer's default length is the training one: annotate then reads cells alike
         tokenizer.model_max_length = args.max_length
     tokenizer.save_pretrained(out)

@@ -64,6 +64,10 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: ``{"sha256": {weight file: hex digest}}`` written by ``hf-scfm pretrain`` / ``finetune`` after saving, verified by
+#: :func:`validate_checkpoint` (so every load of our checkpoints): a safetensors file overwritten in place keeps a
+#: valid header and size, and only a checksum tells.
+WEIGHTS_MANIFEST = "hf_scfm_weights.json"
 
 
 class CheckpointError(ValueError):
@@ -127,6 +131,63 @@ def safetensors_tensor_names(path: str | os.PathLike) -> list[str]:
     return names
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file, read in 16 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _weight_files(folder: Path) -> list[str]:
+    names = [n for n in (SAFETENSORS, ADAPTER_WEIGHTS) if (folder / n).is_file()]
+    if (folder / SAFETENSORS_INDEX).is_file():
+        index = json.loads((folder / SAFETENSORS_INDEX).read_text(encoding="utf-8"))
+        names += sorted(set(index.get("weight_map", {}).values()))
+    return names
+
+
+def write_weights_manifest(folder: str | os.PathLike) -> dict[str, str]:
+    """Record the sha256 of ``folder``'s weight files in :data:`WEIGHTS_MANIFEST` (call after saving them)."""
+    folder = Path(folder)
+    sums = {name: file_sha256(folder / name) for name in _weight_files(folder)}
+    (folder / WEIGHTS_MANIFEST).write_text(json.dumps({"sha256": sums}, indent=2) + "\n", encoding="utf-8")
+    return sums
+
+
+def weights_checksum(folder: str | os.PathLike) -> str:
+    """One checksum of a checkpoint's weights (sha256 over its weight files' digests, in name order): what an
+    adapter records of its base model. Taken from :data:`WEIGHTS_MANIFEST` when there is one."""
+    import hashlib
+
+    folder = Path(folder)
+    manifest = folder / WEIGHTS_MANIFEST
+    sums = (json.loads(manifest.read_text(encoding="utf-8"))["sha256"] if manifest.is_file()
+            else {name: file_sha256(folder / name) for name in _weight_files(folder)})
+    return hashlib.sha256("\n".join(f"{k}\t{sums[k]}" for k in sorted(sums)).encode()).hexdigest()
+
+
+def verify_weights(folder: Path) -> None:
+    """:class:`CheckpointError` naming the file when a weight file's sha256 differs from :data:`WEIGHTS_MANIFEST`."""
+    path = folder / WEIGHTS_MANIFEST
+    if not path.is_file():
+        return
+    recorded = _read_json(path, "weights manifest", "Save the model again, or download the folder again.")
+    for name, expected in dict(recorded.get("sha256", {})).items():
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name} is missing: {WEIGHTS_MANIFEST} records it. Copy or download the "
+                                  "whole folder again.")
+        if file_sha256(folder / name) != expected:
+            raise CheckpointError(
+                f"{folder / name} is corrupt: its sha256 differs from the one recorded in {WEIGHTS_MANIFEST} when "
+                "it was saved (a broken download, copy or disk). Download or copy the checkpoint again; loading it "
+                "would give wrong (often NaN) outputs."
+            )
+
+
 def validate_checkpoint(folder: str | os.PathLike, *, require_tokenizer: bool = True) -> dict[str, Any]:
     """Check that ``folder`` is a complete checkpoint that ``from_pretrained`` can load; raise if not.
 
@@ -149,6 +210,12 @@ def validate_checkpoint(folder: str | os.PathLike, *, require_tokenizer: bool = 
     resave = f"Save it completely with model.save_pretrained({str(folder)!r}) (and tokenizer.save_pretrained)."
 
     if ADAPTER_CONFIG in files and "config.json" not in files:
+        if ADAPTER_WEIGHTS not in files and "adapter_model.bin" in files:
+            raise CheckpointError(
+                f"{folder} holds adapter_model.bin, a pickle, and hf-scfm never unpickles a file (loading one can "
+                "run arbitrary code). Save the adapter as safetensors: peft_model.save_pretrained(folder, "
+                "safe_serialization=True) (peft's default), or convert it where you trust the file."
+            )
         if ADAPTER_WEIGHTS not in files:
             raise CheckpointError(
                 f"{folder} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS}: the adapter checkpoint is partial. "
@@ -198,6 +265,7 @@ def validate_checkpoint(folder: str | os.PathLike, *, require_tokenizer: bool = 
             )
         summary = {"kind": "model", "model_type": config["model_type"], "weights": weights, "config": config}
 
+    verify_weights(folder)
     if require_tokenizer:
         if TOKENIZER_CONFIG not in files:
             raise CheckpointError(

@@ -61,6 +61,7 @@ from .checkpoint import (
     read_run_state,
 )
 from .families import FAMILIES
+from .hub import write_weights_manifest
 from .pretrain_data import BatchStream, build_streams, corpus_tokenizer, record_batches
 from .run_log import LOSS_CURVE, METRICS_FILE, MetricsLogger, plot_loss_curve
 
@@ -156,6 +157,16 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
 
     # -- tokenizer, model, optimizer, schedule
     tokenizer = corpus_tokenizer(args.corpus)
+    if resume_from is not None:
+        saved = json.loads((resume_from / "config.json").read_text(encoding="utf-8"))
+        if (saved.get("vocab_checksum") not in (None, tokenizer.vocab_checksum)
+                or saved.get("vocab_size") != len(tokenizer)):
+            raise ResumeError(
+                f"{resume_from} was trained on a vocabulary of {saved.get('vocab_size')} tokens (checksum "
+                f"{str(saved.get('vocab_checksum'))[:12]}...), but the corpus {args.corpus} was tokenized with another "
+                f"one ({len(tokenizer)} tokens, checksum {tokenizer.vocab_checksum[:12]}...). Resume with the corpus "
+                "of that run, or start a new run in another --out."
+            )
     if tokenizer.encoding != family.encoding:
         raise ValueError(
             f"The corpus {args.corpus} was tokenized with the {tokenizer.encoding!r} encoding, but {family.name} "
@@ -188,7 +199,7 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     train_ds, held_ds = build_streams(args.corpus, tokenizer, eval_fraction=args.eval_fraction, seed=args.seed,
                                       shuffle_buffer=args.shuffle_buffer, rank=accelerator.process_index,
                                       world_size=accelerator.num_processes)
-    stream = BatchStream(train_ds, args.batch_size, collator)
+    stream = BatchStream(train_ds, args.batch_size, collator, corpus=args.corpus)
     step = 0
     if resume_from is not None:
         from .checkpoint import TrainingStateError, load_training_state
@@ -330,6 +341,7 @@ def _save_model_files(accelerator, model, tokenizer, folder: Path, family) -> No
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        write_weights_manifest(folder)  # sha256 of the weights, verified whenever the checkpoint is loaded
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, family, run: dict, out: Path, step: int,

@@ -68,20 +68,28 @@ def record_batches(dataset, batch_size: int):
 class BatchStream:
     """Endless micro-batches of this rank's training stream, epoch after epoch, with a resumable position."""
 
-    def __init__(self, dataset, batch_size: int, collator, epoch: int = 0, consumed: int = 0):
+    def __init__(self, dataset, batch_size: int, collator, epoch: int = 0, consumed: int = 0, corpus: str | None = None):
         self.dataset, self.batch_size, self.collator = dataset, batch_size, collator
         self.epoch, self.consumed = epoch, consumed
+        self.corpus = corpus  # to name a corrupt shard when reading fails
 
     def __iter__(self):
         while True:
             self.dataset.set_epoch(self.epoch)
             skip, produced = self.consumed, 0
-            for index, records in enumerate(record_batches(self.dataset, self.batch_size)):
-                produced += 1
-                if index < skip:  # already consumed before the resume: skipped before collation
-                    continue
-                self.consumed = index + 1
-                yield self.collator(records)
+            try:
+                for index, records in enumerate(record_batches(self.dataset, self.batch_size)):
+                    produced += 1
+                    if index < skip:  # already consumed before the resume: skipped before collation
+                        continue
+                    self.consumed = index + 1
+                    yield self.collator(records)
+            except Exception:  # a shard whose data does not decode (footer intact): name it and the fix
+                if self.corpus is not None:
+                    from ..data.loading import check_shard_data, corpus_files
+
+                    check_shard_data(corpus_files(self.corpus))
+                raise
             if produced == 0:
                 raise ValueError(
                     "The training stream of this process is empty: the corpus has too few cells for this many "

@@ -91,6 +91,7 @@ class CellFMMaskedRegressionOutput(ModelOutput):
     cell_embedding: torch.FloatTensor | None = None
 
 
+# Copied from hf_scfm.modeling.scmamba2.modeling_scmamba2.ScMamba2SequenceClassifierOutput with ScMamba2->CellFM
 @dataclass
 class CellFMSequenceClassifierOutput(ModelOutput):
     """Output of :class:`CellFMForSequenceClassification` (``logits`` ``[B, num_labels]``)."""
