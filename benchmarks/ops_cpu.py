@@ -98,8 +98,9 @@ def ours_mamba2(m, hidden):
     return m.out_proj(m.norm(y.reshape(b, L, -1), gate))
 
 
-def model_flops(family: str, m, batch: int, length: int) -> float:
-    """Useful FLOPs of forward + backward (backward counted as 2x forward)."""
+def model_flops(family: str, m, batch: int, length: int, chunk: int | None = None) -> float:
+    """Useful FLOPs of forward + backward (backward counted as 2x forward); Mamba-2's in-chunk part at
+    the chunk actually run (``chunk``, default the mixer's)."""
     T = batch * length
     D, d = m.intermediate_size, m.hidden_size
     N, W = m.ssm_state_size, m.conv_kernel_size
@@ -107,7 +108,7 @@ def model_flops(family: str, m, batch: int, length: int) -> float:
         R = m.time_step_rank
         fwd = 2 * T * (d * 2 * D + D * (R + 2 * N) + R * D + D * d + D * W) + 8 * T * D * N
     else:
-        H, P, G, Tc = m.num_heads, m.head_dim, m.n_groups, min(m.chunk_size, length)
+        H, P, G, Tc = m.num_heads, m.head_dim, m.n_groups, min(chunk or m.chunk_size, length)
         conv_dim = m.conv_dim
         fwd = 2 * T * (d * (D + conv_dim + H) + conv_dim * W + D * d)
         fwd += 2 * T * Tc * G * N + T * Tc * H + 2 * T * Tc * H * P + 4 * T * H * P * N
@@ -150,7 +151,12 @@ def worker(args) -> None:
     from safetensors.torch import save_file
 
     save_file({"out": out.detach().contiguous(), "grad": hidden.grad.contiguous()}, args.out)
-    flops = model_flops(args.family, m, args.batch, args.length)
+    chunk = None
+    if args.impl == "ours" and args.family == "mamba2":  # our CPU path tiles at most TORCH_MAX_CHUNK steps
+        from hf_scfm.modeling.scmamba2.ssd import TORCH_MAX_CHUNK
+
+        chunk = min(args.chunk_size, TORCH_MAX_CHUNK)
+    flops = model_flops(args.family, m, args.batch, args.length, chunk)
     print(json.dumps({"seconds": seconds, "median": median, "peak_bytes": max(peak, 0), "flops": flops}))
 
 
