@@ -26,6 +26,7 @@ safetensors files). On a shared machine even CPU times are noisy (caches, memory
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -238,7 +239,10 @@ def main() -> None:
                 f_ours, f_tf = os.path.join(tmp, "ours.safetensors"), os.path.join(tmp, "tf.safetensors")
                 ours = run_worker(args, family, "ours", length, f_ours, timeout=None)
                 tf = None if capped else run_worker(args, family, "transformers", length, f_tf, timeout=args.cap)
-                if family == "mamba1":  # transformers' parallel scan (use_mambapy=True): the fast baseline
+                if family == "mamba1" and importlib.util.find_spec("mambapy") is None:
+                    print(f"#   {family} {length}: transformers use_mambapy=True skipped: it needs the mambapy "
+                          "package (pip install mambapy)")
+                elif family == "mamba1":  # transformers' parallel scan (use_mambapy=True): the fast baseline
                     ps = run_worker(args, family, "pscan", length, os.path.join(tmp, "ps.safetensors"), timeout=args.cap)
                     ps_txt = "> cap" if ps is None else (f"{ps['seconds']:.2f}/{ps['median']:.2f}, ours "
                                                          f"{ps['seconds'] / ours['seconds']:.1f}x (target >= 5x)")
