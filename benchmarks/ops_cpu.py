@@ -26,6 +26,7 @@ safetensors files). On a shared machine even CPU times are noisy (caches, memory
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -45,13 +46,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def build_mixer(family: str, d_model: int, d_state: int, chunk_size: int):
+def build_mixer(family: str, d_model: int, d_state: int, chunk_size: int, pscan: bool = False):
     torch.manual_seed(0)
     if family == "mamba1":
         from transformers import MambaConfig
         from transformers.models.mamba.modeling_mamba import MambaMixer
 
-        cfg = MambaConfig(hidden_size=d_model, state_size=d_state, expand=2, num_hidden_layers=1)
+        cfg = MambaConfig(hidden_size=d_model, state_size=d_state, expand=2, num_hidden_layers=1, use_mambapy=pscan)
         return MambaMixer(cfg, layer_idx=0)
     from transformers import Mamba2Config
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
@@ -65,17 +66,17 @@ def build_mixer(family: str, d_model: int, d_state: int, chunk_size: int):
 
 
 def ours_mamba1(m, hidden):
-    """MambaMixer's computation with hf_scfm ops (same weights)."""
+    """MambaMixer's computation with hf_scfm ops (same weights), laid out as MouseGeneMambaMixer.forward
+    does it: every [batch, d_inner, L] tensor is a transposed view of a [batch, L, d_inner] Linear output."""
     from hf_scfm.modeling.mouse_genemamba.conv import causal_conv1d
     from hf_scfm.modeling.mouse_genemamba.selective_scan import selective_scan
 
     x, gate = m.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
     x = causal_conv1d(x, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation="silu", backend="torch")
     dt, B, C = m.x_proj(x.transpose(1, 2)).split([m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
-    dt = m.dt_proj.weight @ dt.transpose(1, 2)
     y = selective_scan(
-        x, dt, -torch.exp(m.A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D=m.D.float(), z=gate,
-        delta_bias=m.dt_proj.bias.float(), delta_softplus=True, backend="torch",
+        x, m.dt_proj(dt).transpose(1, 2), -torch.exp(m.A_log.float()), B.transpose(1, 2), C.transpose(1, 2),
+        D=m.D.float(), z=gate, delta_softplus=True, backend="torch",
     )
     return m.out_proj(y.transpose(1, 2))
 
@@ -98,8 +99,9 @@ def ours_mamba2(m, hidden):
     return m.out_proj(m.norm(y.reshape(b, L, -1), gate))
 
 
-def model_flops(family: str, m, batch: int, length: int) -> float:
-    """Useful FLOPs of forward + backward (backward counted as 2x forward)."""
+def model_flops(family: str, m, batch: int, length: int, chunk: int | None = None) -> float:
+    """Useful FLOPs of forward + backward (backward counted as 2x forward); Mamba-2's in-chunk part at
+    the chunk actually run (``chunk``, default the mixer's)."""
     T = batch * length
     D, d = m.intermediate_size, m.hidden_size
     N, W = m.ssm_state_size, m.conv_kernel_size
@@ -107,7 +109,7 @@ def model_flops(family: str, m, batch: int, length: int) -> float:
         R = m.time_step_rank
         fwd = 2 * T * (d * 2 * D + D * (R + 2 * N) + R * D + D * d + D * W) + 8 * T * D * N
     else:
-        H, P, G, Tc = m.num_heads, m.head_dim, m.n_groups, min(m.chunk_size, length)
+        H, P, G, Tc = m.num_heads, m.head_dim, m.n_groups, min(chunk or m.chunk_size, length)
         conv_dim = m.conv_dim
         fwd = 2 * T * (d * (D + conv_dim + H) + conv_dim * W + D * d)
         fwd += 2 * T * Tc * G * N + T * Tc * H + 2 * T * Tc * H * P + 4 * T * H * P * N
@@ -116,7 +118,7 @@ def model_flops(family: str, m, batch: int, length: int) -> float:
 
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
-    m = build_mixer(args.family, args.d_model, args.d_state, args.chunk_size)
+    m = build_mixer(args.family, args.d_model, args.d_state, args.chunk_size, pscan=args.impl == "pscan")
     m.train()
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(args.batch, args.length, args.d_model, generator=g).requires_grad_()
@@ -142,15 +144,21 @@ def worker(args) -> None:
         limit = int(used.ru_utime + used.ru_stime + args.cpu_cap) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (limit, limit + 5))
     rss0 = _rss_bytes()
-    out, seconds = step()
+    out, first = step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    if args.impl == "ours" and args.repeat > 1:  # cheap: take the best of a few
-        seconds = min([seconds] + [step()[1] for _ in range(args.repeat - 1)])
+    # same warm-up (the first step) and the same repeats for every implementation; min and median
+    times = [step()[1] for _ in range(args.repeat)] if args.repeat else [first]
+    seconds, median = min(times), sorted(times)[len(times) // 2]
     from safetensors.torch import save_file
 
     save_file({"out": out.detach().contiguous(), "grad": hidden.grad.contiguous()}, args.out)
-    flops = model_flops(args.family, m, args.batch, args.length)
-    print(json.dumps({"seconds": seconds, "peak_bytes": max(peak, 0), "flops": flops}))
+    chunk = None
+    if args.impl == "ours" and args.family == "mamba2":  # our CPU path tiles at most TORCH_MAX_CHUNK steps
+        from hf_scfm.modeling.scmamba2.ssd import TORCH_MAX_CHUNK
+
+        chunk = min(args.chunk_size, TORCH_MAX_CHUNK)
+    flops = model_flops(args.family, m, args.batch, args.length, chunk)
+    print(json.dumps({"seconds": seconds, "median": median, "peak_bytes": max(peak, 0), "flops": flops}))
 
 
 def matmul_gflops(threads: int) -> float:
@@ -194,7 +202,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--chunk-size", type=int, default=256, help="Mamba-2 chunk size (both implementations)")
     p.add_argument("--cap", type=float, default=120.0, help="CPU-seconds cap for one baseline run")
-    p.add_argument("--repeat", type=int, default=2, help="best of N for our (fast) implementation")
+    p.add_argument("--repeat", type=int, default=3, help="timed steps after one warm-up step, for every "
+                   "implementation (min and median are printed)")
+    p.add_argument("--per-token", action="store_true", help="only the ops' time per token at --per-token-lengths")
+    p.add_argument("--per-token-lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     # worker-only arguments
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--family", help=argparse.SUPPRESS)
@@ -206,6 +217,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.per_token:
+        per_token(args)
         return
     args.d_state = {"mamba1": 16, "mamba2": 64}
     lengths = [n for n in args.lengths if n <= 2048] if args.quick else args.lengths
@@ -225,6 +239,15 @@ def main() -> None:
                 f_ours, f_tf = os.path.join(tmp, "ours.safetensors"), os.path.join(tmp, "tf.safetensors")
                 ours = run_worker(args, family, "ours", length, f_ours, timeout=None)
                 tf = None if capped else run_worker(args, family, "transformers", length, f_tf, timeout=args.cap)
+                if family == "mamba1" and importlib.util.find_spec("mambapy") is None:
+                    print(f"#   {family} {length}: transformers use_mambapy=True skipped: it needs the mambapy "
+                          "package (pip install mambapy)")
+                elif family == "mamba1":  # transformers' parallel scan (use_mambapy=True): the fast baseline
+                    ps = run_worker(args, family, "pscan", length, os.path.join(tmp, "ps.safetensors"), timeout=args.cap)
+                    ps_txt = "> cap" if ps is None else (f"{ps['seconds']:.2f}/{ps['median']:.2f}, ours "
+                                                         f"{ps['seconds'] / ours['seconds']:.1f}x (target >= 5x)")
+                    print(f"#   {family} {length}: transformers use_mambapy=True min/median {ps_txt}; "
+                          f"ours min/median {ours['seconds']:.2f}/{ours['median']:.2f}")
                 capped = capped or tf is None
                 ours_peaks[length] = ours["peak_bytes"]
                 gflops = ours["flops"] / ours["seconds"] / 1e9
@@ -245,6 +268,45 @@ def main() -> None:
             if hi > lo and ours_peaks[lo] > 0:
                 print(f"# {family}: our peak memory {hi}:{lo} = {ours_peaks[hi] / ours_peaks[lo]:.2f} "
                       f"(length ratio {hi / lo:.0f})")
+
+
+def per_token(args) -> None:
+    """Forward+backward time per token of each op alone (one process, lengths interleaved A B A B)."""
+    import statistics
+
+    from hf_scfm.modeling.mouse_genemamba.selective_scan import selective_scan
+    from hf_scfm.modeling.scmamba2.ssd import ssd_scan
+
+    torch.set_num_threads(args.threads)
+    D, H, P = 2 * args.d_model, 2 * args.d_model // 64, 64
+
+    def make(op, L):
+        g = torch.Generator().manual_seed(0)
+        r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).requires_grad_()  # noqa: E731
+        if op == "selective_scan":
+            A = -torch.rand(D, 16, generator=g) - 0.5
+            u, dt, B, C = r(1, D, L), r(1, D, L, scale=0.5), r(1, 16, L), r(1, 16, L)
+            return lambda: selective_scan(u, dt, A, B, C, delta_softplus=True, backend="torch").sum().backward()
+        A = -torch.rand(H, generator=g) - 0.5
+        x, dt, B, C = r(1, L, H, P), r(1, L, H, scale=0.5), r(1, L, 1, 64), r(1, L, 1, 64)
+        return lambda: ssd_scan(x, dt, A, B, C, 256, dt_softplus=True, backend="torch").sum().backward()
+
+    print(f"# time per token (us) of forward+backward, one op alone, {args.threads} thread(s), d_inner {D}; "
+          f"min / median of {args.repeat} after a warm-up; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    lengths = args.per_token_lengths
+    for op in ("selective_scan", "ssd_scan"):
+        fns = {L: make(op, L) for L in lengths}
+        times = {L: [] for L in lengths}
+        for rep in range(args.repeat + 1):
+            for L in lengths:
+                start = time.perf_counter()
+                fns[L]()
+                if rep:
+                    times[L].append((time.perf_counter() - start) / L * 1e6)
+        cells = "  ".join(f"{L}: {min(times[L]):.1f} / {statistics.median(times[L]):.1f}" for L in lengths)
+        growth = min(times[lengths[-1]]) / min(times[lengths[0]])
+        print(f"{op:15} {cells}  | {lengths[-1]}:{lengths[0]} per-token growth {growth:.2f}x (target <= 1.3x)")
+    print(f"# load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

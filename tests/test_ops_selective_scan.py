@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hf_scfm.modeling.mouse_genemamba import selective_scan as scan_module
 from hf_scfm.modeling.mouse_genemamba.conv import causal_conv1d, causal_conv1d_update
 from hf_scfm.modeling.mouse_genemamba.selective_scan import (
     selective_scan,
@@ -101,6 +102,30 @@ def test_gradients_match_reference_autograd():
         grads.append(torch.autograd.grad((out * w).sum() + (state * ws).sum(), list(x.values())))
     for name, g_ref, g in zip(x, *grads):
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("block_steps", [1, 3, 17])
+@pytest.mark.parametrize("groups", [None, 3])
+def test_time_blocks_match_reference_values_and_gradients(monkeypatch, block_steps, groups):
+    # blocks of 1, 3 (the last one short: 17 = 5 * 3 + 2) or all 17 steps
+    monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", block_steps * 2 * 6 * 4)  # batch * D * N per step
+    x = make_inputs(length=17, groups=groups, grad=True)
+    g = torch.Generator().manual_seed(5)
+    w, ws = torch.randn(2, 6, 17, generator=g, dtype=F64), torch.randn(2, 6, 4, generator=g, dtype=F64)
+    res = []
+    for fn in (selective_scan_reference, selective_scan):
+        out, state = fn(**x, delta_softplus=True, return_last_state=True)
+        res.append((out, state) + torch.autograd.grad((out * w).sum() + (state * ws).sum(), list(x.values())))
+    for name, ref, got in zip(["out", "state", *x], *res):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_no_gradient_needed_keeps_no_block_states(monkeypatch):
+    monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 2 * 6 * 4)
+    x = make_inputs(length=9)
+    with torch.no_grad():
+        out = selective_scan(**x)
+    torch.testing.assert_close(out, selective_scan_reference(**x), rtol=1e-11, atol=1e-11)
 
 
 @pytest.mark.parametrize("groups", [None, 3])

@@ -4,6 +4,7 @@ float64 (odd lengths, lengths not a multiple of the chunk, groups, initial state
 import pytest
 import torch
 
+from hf_scfm.modeling.scmamba2 import ssd as ssd_module
 from hf_scfm.modeling.scmamba2.ssd import segsum, ssd_reference, ssd_scan, ssd_step
 
 F64 = torch.float64
@@ -83,6 +84,33 @@ def test_float32_against_float64_reference():
 
 def test_gradcheck():
     x = make_inputs(batch=1, length=5, heads=2, head_dim=1, groups=2, n_state=2, grad=True)
+    names = list(x)
+
+    def fn(*args):
+        return ssd_scan(**dict(zip(names, args)), chunk_size=2, dt_softplus=True, return_final_states=True)
+
+    assert torch.autograd.gradcheck(fn, tuple(x.values()))
+
+
+@pytest.mark.parametrize("block_steps", [1, 8, 4096])
+def test_blocks_of_chunks_match_reference_values_and_gradients_float64(monkeypatch, block_steps):
+    # 37 steps in chunks of 4: 10 chunks (the last one padded); blocks of 1, 2 or all 10 chunks
+    monkeypatch.setattr(ssd_module, "BLOCK_STEPS", block_steps)
+    x = make_inputs(batch=2, length=37, groups=2, grad=True)
+    g = torch.Generator().manual_seed(3)
+    wy, ws = torch.randn(2, 37, 4, 3, generator=g, dtype=F64), torch.randn(2, 4, 3, 5, generator=g, dtype=F64)
+    grads = []
+    for fn, kw in ((ssd_reference, {}), (ssd_scan, {"backend": "torch"})):
+        out, state = fn(**x, chunk_size=4, dt_softplus=True, return_final_states=True, **kw)
+        grads.append(torch.autograd.grad((out * wy).sum() + (state * ws).sum(), list(x.values())))
+        grads[-1] = (out, state) + grads[-1]
+    for name, ref, got in zip(["out", "state", *x], *grads):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_gradcheck_across_blocks(monkeypatch):
+    monkeypatch.setattr(ssd_module, "BLOCK_STEPS", 2)  # one chunk of 2 per block, 3 blocks
+    x = make_inputs(batch=2, length=5, heads=2, head_dim=1, groups=1, n_state=2, grad=True)
     names = list(x)
 
     def fn(*args):

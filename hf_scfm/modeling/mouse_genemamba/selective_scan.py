@@ -14,9 +14,11 @@ state ``[batch, D, N]``.
 
 * :func:`selective_scan_reference`: the recurrence as written, one step at a time (any dtype;
   float16/bfloat16 are computed in float32). The ground truth for the tests.
-* :func:`selective_scan`: the same numbers, fast: a time-major recurrence with a hand-written
-  backward on CPU (or any device without kernels; see :class:`_SelectiveScanFn` for why not a
-  chunked closed form), or mamba_ssm's CUDA kernel for CUDA tensors (see ``dispatch``).
+* :func:`selective_scan`: the same numbers, fast: a time-major recurrence in cache-sized time
+  blocks with a hand-written backward on CPU (or any device without kernels; see
+  :class:`_SelectiveScanFn`, also for why not a chunked closed form), or mamba_ssm's CUDA kernel for
+  CUDA tensors (see ``dispatch``). Its output is a ``[batch, D, L]`` view of a time-major buffer, the
+  layout the mixers' ``[batch, L, D]`` projections read without a copy.
 * :func:`selective_state_update`: one generation step against a cached state (updated in place).
 
 Padding: zero ``u`` at padded positions (models multiply by ``attention_mask``). Then padded steps
@@ -112,91 +114,134 @@ def selective_scan_reference(
 
 class _SelectiveScanFn(torch.autograd.Function):
     """The scan proper, ``y_t = <C_t, h_t>`` with ``h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t``,
-    with a hand-written backward.
+    in time blocks that stay in cache, with a hand-written backward.
 
-    Layout: everything is made *time-major* (``[L, batch, groups, D/groups, N]``, contiguous), so
-    one time step is one contiguous block that stays in cache, and the recurrence is ``L`` in-place
-    ``addcmul`` calls on it. The backward recomputes the states (only the inputs are saved: memory
-    per layer is O(batch·D·L), like mamba_ssm's kernel) and runs the adjoint recurrence
-    ``g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}`` backwards in the same way; every gradient is then
-    one contraction (einsum) over that block.
+    Layout: time-major (``[L, batch, groups, D/groups]`` for delta and u, ``[L, batch, groups, N]`` for
+    B and C). Time is cut into blocks of ``T`` steps (:func:`_block_length`, a ``[T, batch, D, N]``
+    block is about ``BLOCK_ELEMENTS`` numbers, so it stays in the core's L2 cache). Per block the
+    decay ``exp(delta A)`` and the input ``delta u B`` are formed in two reused buffers, the
+    recurrence is ``T`` in-place ``addcmul`` calls on one row each, and ``y`` is one batched matmul
+    with ``C``; only the state entering each block is kept (``[L / T, batch, D, N]``, for the
+    backward), never a full ``[L, D, N]`` buffer. The backward walks the blocks in reverse: it
+    recomputes the block's states from the saved entering state, runs the adjoint recurrence
+    ``g_t = C_t gy_t + exp(delta_{t+1} A) g_{t+1}`` over the block (the carry between blocks is
+    ``exp(delta_{t+1} A) g_{t+1}`` of the next block's first step) and forms every gradient from the
+    block. Memory is O(batch D L) plus the entering states, like mamba_ssm's kernel (which keeps the
+    state in registers and recomputes it in the backward the same way).
 
-    Why not a chunked closed form: with cumulative sums inside chunks and a recurrence between
-    chunks, every full-size ``[L, D, N]`` pass (cumsum, exp of the cumulated decay, the combine)
-    costs about as much as the whole time-major loop. Measured on this project's 2-core CPU at
-    L=2048, D=512, N=16 (forward, no grad): chunked (T = sqrt(L)) 0.47 s, time-major loop 0.09 s.
-    The loop only loses when batch·D·N is tiny (Python overhead, ~µs per step), where it is cheap
-    anyway. Inputs arrive in the compute dtype, delta already biased/softplus-ed, B/C grouped.
+    Why not a closed form per chunk (cumulated decays and a cumulative sum): every such pass over a
+    ``[T, D, N]`` block costs about as much as the ``T`` recurrence steps themselves, and it needs an
+    ``exp`` of the (possibly huge) cumulated decay. Inputs arrive in the compute dtype, delta already
+    biased/softplus-ed, B/C grouped ``[b, G, N, L]``.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
-        ctx.save_for_backward(u, delta, A, B, C)
-        a, H, Bt, Ct, _ = _time_major(u, delta, A, B, C)
-        _forward_recurrence(a, H)
-        y = torch.einsum("lbgdn,lbgn->lbgd", H, Ct)
-        last = H[-1] if H.shape[0] else H.new_zeros(H.shape[1:])
         batch, dim, length = u.shape
-        return (
-            y.reshape(length, batch, dim).permute(1, 2, 0).contiguous(),
-            last.reshape(batch, dim, -1).clone(),
-        )
+        groups, n_state = B.shape[1], A.shape[1]
+        dl, ul, Bt, Ct = _time_major(u, delta, B, C)
+        A_g = A.reshape(groups, dim // groups, n_state)
+        T = _block_length(batch * dim * n_state, length)
+        needs_grad = any(ctx.needs_input_grad)
+        y = dl.new_empty(dl.shape)
+        entering = []
+        h = dl.new_zeros(batch, groups, dim // groups, n_state)
+        a_buf = dl.new_empty((T,) + h.shape)
+        h_buf = torch.empty_like(a_buf)
+        for start in range(0, length, T):
+            blk = slice(start, min(start + T, length))
+            if needs_grad:
+                entering.append(h)
+            a, H = _block_states(dl[blk], ul[blk], A_g, Bt[blk], h, a_buf, h_buf)
+            torch.matmul(H, Ct[blk].unsqueeze(-1), out=y[blk].unsqueeze(-1))
+            h = H[-1].clone()
+        if needs_grad:
+            ctx.save_for_backward(dl, ul, A_g, Bt, Ct, *entering)
+            ctx.block = T
+        # y stays time-major in memory ([b, D, L] view): the mixers feed it on in [b, L, D] layout
+        return y.reshape(length, batch, dim).permute(1, 2, 0), h.reshape(batch, dim, n_state)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_last):
-        u, delta, A, B, C = ctx.saved_tensors
-        batch, dim, length = u.shape
-        groups, n_state = B.shape[1], A.shape[1]
-        a, H, Bt, Ct, (dl, ul) = _time_major(u, delta, A, B, C)
-        _forward_recurrence(a, H)
+        dl, ul, A_g, Bt, Ct, *entering = ctx.saved_tensors
+        T = ctx.block
+        length, batch, groups, dim_g = dl.shape
+        n_state = A_g.shape[-1]
         if grad_y is None:
-            grad_y = u.new_zeros(u.shape)
-        gy = grad_y.to(u.dtype).permute(2, 0, 1).reshape(length, batch, groups, dim // groups)
-        # adjoint states g_t = dLoss/dh_t, in place: start from C_t gy_t, then run backwards
-        Gs = gy.unsqueeze(-1) * Ct.unsqueeze(3)
-        if grad_last is not None and length:
-            Gs[-1] += grad_last.to(u.dtype).reshape(Gs.shape[1:])
-        for t in range(length - 2, -1, -1):
-            Gs[t].addcmul_(a[t + 1], Gs[t + 1])
-        # d/d(delta_t A) = g_t * exp(delta_t A) * h_{t-1}   (h_{-1} = 0); reuse a's buffer
-        g_dA = a.mul_(Gs)
-        if length:
-            g_dA[1:].mul_(H[:-1])
-            g_dA[0].zero_()
-        A_g = A.reshape(groups, dim // groups, n_state)
-        GB = torch.einsum("lbgdn,lbgn->lbgd", Gs, Bt)
-        g_delta = torch.einsum("lbgdn,gdn->lbgd", g_dA, A_g) + GB * ul
-        g_u = GB * dl
-        g_A = torch.einsum("lbgdn,lbgd->gdn", g_dA, dl).reshape(dim, n_state)
-        g_B = torch.einsum("lbgdn,lbgd->lbgn", Gs, dl * ul).permute(1, 2, 3, 0)
-        g_C = torch.einsum("lbgdn,lbgd->lbgn", H, gy).permute(1, 2, 3, 0)
+            gy = dl.new_zeros(dl.shape)
+        else:
+            gy = grad_y.to(dl.dtype).permute(2, 0, 1).reshape(length, batch, groups, dim_g)
+        carry = dl.new_zeros(batch, groups, dim_g, n_state)  # dLoss/dh_t from step t+1 on
+        if grad_last is not None:
+            carry += grad_last.to(dl.dtype).reshape(carry.shape)
+        g_delta, g_u = torch.empty_like(dl), torch.empty_like(dl)
+        g_B, g_C = torch.empty_like(Bt), torch.empty_like(Ct)
+        a_buf = dl.new_empty((T,) + carry.shape)
+        h_buf, g_buf, gA_acc = torch.empty_like(a_buf), torch.empty_like(a_buf), torch.zeros_like(a_buf)
+        starts = list(range(0, length, T))
+        for k in range(len(starts) - 1, -1, -1):
+            blk = slice(starts[k], min(starts[k] + T, length))
+            n = blk.stop - blk.start
+            h_prev = entering[k]
+            d_b, u_b, gy_b = dl[blk], ul[blk], gy[blk]
+            a, H = _block_states(d_b, u_b, A_g, Bt[blk], h_prev, a_buf, h_buf)
+            G = torch.mul(gy_b.unsqueeze(-1), Ct[blk].unsqueeze(3), out=g_buf[:n])  # C_t gy_t
+            G[-1] += carry
+            Gv, av = G.unbind(0), a.unbind(0)
+            for t in range(n - 2, -1, -1):
+                Gv[t].addcmul_(av[t + 1], Gv[t + 1])
+            # g_C_t = sum_d h_t gy_t ;  g_B_t = sum_d g_t delta_t u_t ;  (g B)_t = sum_n g_t B_t
+            torch.matmul(gy_b.unsqueeze(-2), H, out=g_C[blk].unsqueeze(-2))
+            torch.matmul((d_b * u_b).unsqueeze(-2), G, out=g_B[blk].unsqueeze(-2))
+            GB = torch.matmul(G, Bt[blk].unsqueeze(-1)).squeeze(-1)
+            # d/d(delta_t A) = g_t * exp(delta_t A) * h_{t-1}, in a's buffer
+            W = a.mul_(G)
+            carry = W[0].clone()
+            W[1:].mul_(H[:-1])
+            W[0].mul_(h_prev)
+            gA_acc[:n].addcmul_(W, d_b.unsqueeze(-1))
+            torch.add(W.mul_(A_g).sum(-1), GB * u_b, out=g_delta[blk])
+            torch.mul(GB, d_b, out=g_u[blk])
+        g_A = gA_acc.sum((0, 1)).reshape(groups * dim_g, n_state)
 
         def to_bdl(g):
-            return g.reshape(length, batch, dim).permute(1, 2, 0)
+            return g.reshape(length, batch, groups * dim_g).permute(1, 2, 0)
 
-        return to_bdl(g_u), to_bdl(g_delta), g_A, g_B, g_C
+        return to_bdl(g_u), to_bdl(g_delta), g_A, g_B.permute(1, 2, 3, 0), g_C.permute(1, 2, 3, 0)
 
 
-def _time_major(u, delta, A, B, C):
-    """Decay ``a`` and input ``x`` as contiguous ``[L, b, G, D/G, N]`` blocks (x is returned in the
-    buffer that will hold the states), B/C as ``[L, b, G, N]``, and delta/u as ``[L, b, G, D/G]``."""
+# One [T, batch, D, N] block of the scan holds about this many numbers (~512 KiB in float32, so the
+# few block buffers of the backward stay in a 2 MiB L2 cache).
+BLOCK_ELEMENTS = 1 << 17
+
+
+def _block_length(step_elements: int, length: int) -> int:
+    """Time steps per block: ``BLOCK_ELEMENTS // (batch D N)``, at least 1, at most ``length``."""
+    return max(1, min(length, BLOCK_ELEMENTS // max(step_elements, 1)))
+
+
+def _time_major(u, delta, B, C):
+    """delta and u as contiguous ``[L, b, G, D/G]``, B and C as ``[L, b, G, N]``."""
     batch, dim, length = u.shape
-    groups, n_state = B.shape[1], A.shape[1]
+    groups = B.shape[1]
     # contiguous first: elementwise results inherit their inputs' memory layout
     dl = delta.permute(2, 0, 1).contiguous().reshape(length, batch, groups, dim // groups)
     ul = u.permute(2, 0, 1).contiguous().reshape(length, batch, groups, dim // groups)
-    Bt = B.permute(3, 0, 1, 2).contiguous()
-    Ct = C.permute(3, 0, 1, 2).contiguous()
-    a = torch.exp(dl.unsqueeze(-1) * A.reshape(groups, dim // groups, n_state))
-    x = (dl * ul).unsqueeze(-1) * Bt.unsqueeze(3)
-    return a, x, Bt, Ct, (dl, ul)
+    return dl, ul, B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous()
 
 
-def _forward_recurrence(a: torch.Tensor, h: torch.Tensor) -> None:
-    """In place: on entry ``h[t]`` holds the input x_t; on exit the state h_t = a_t h_{t-1} + x_t."""
-    for t in range(1, h.shape[0]):
-        h[t].addcmul_(a[t], h[t - 1])
+def _block_states(d_b, u_b, A_g, B_b, h_prev, a_buf, h_buf):
+    """One block: decays ``a_t = exp(delta_t A)`` and states ``h_t = a_t h_{t-1} + delta_t u_t B_t`` of its
+    ``n`` steps, in the first ``n`` rows of the two buffers (``[T, b, G, D/G, N]``), from ``h_prev``."""
+    n = d_b.shape[0]
+    a = torch.mul(d_b.unsqueeze(-1), A_g, out=a_buf[:n]).exp_()
+    H = torch.mul((d_b * u_b).unsqueeze(-1), B_b.unsqueeze(3), out=h_buf[:n])
+    Hv, av = H.unbind(0), a.unbind(0)
+    Hv[0].addcmul_(av[0], h_prev)
+    for t in range(1, n):
+        Hv[t].addcmul_(av[t], Hv[t - 1])
+    return a, H
 
 
 @autocast_off
@@ -217,7 +262,7 @@ def selective_scan(
     """Selective scan with :func:`selective_scan_reference`'s semantics, fast.
 
     CUDA tensors use ``mamba_ssm``'s kernel when it imports (``backend`` = "auto"/"cuda"); otherwise
-    :class:`_SelectiveScanFn` (time-major in-cache recurrence with a hand-written backward).
+    :class:`_SelectiveScanFn` (time-major recurrence in cache-sized blocks, hand-written backward).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     kernel = resolve_kernel("selective_scan", backend, u, delta, A, B, C)

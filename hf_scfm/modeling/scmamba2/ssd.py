@@ -39,6 +39,38 @@ from .dispatch import autocast_off, compute_dtype, resolve_kernel
 # The result does not depend on the tiling (beyond rounding); on CPU the quadratic in-chunk part
 # dominates at mamba_ssm's usual 256, and 64 measured ~3x faster at L=2048, 8 heads x 64, N=64.
 TORCH_MAX_CHUNK = 64
+# ... and works through the chunks in blocks of about this many time steps (see ssd_scan).
+BLOCK_STEPS = 512
+
+
+class _ChunkRecurrence(torch.autograd.Function):
+    """``E[0] = initial``, ``E[c + 1] = decay[c] E[c] + states[c]``: the states entering each chunk
+    and (last) the final state, ``[c + 1, b, g, j, P, N]`` from ``states`` ``[c, b, g, j, P, N]`` and
+    ``decay`` ``[c, b, g, j]``. One in-place step per chunk each way, without an autograd node per
+    step (those made the backward's bookkeeping grow faster than the number of chunks)."""
+
+    @staticmethod
+    def forward(ctx, states, decay, initial):
+        E = states.new_empty((states.shape[0] + 1,) + states.shape[1:])
+        E[0] = initial
+        for c in range(states.shape[0]):
+            torch.addcmul(states[c], decay[c][..., None, None], E[c], out=E[c + 1])
+        ctx.save_for_backward(E, decay)
+        return E
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gE):
+        E, decay = ctx.saved_tensors
+        n = decay.shape[0]
+        g_states = torch.empty_like(E[1:])  # g_states[c] = dLoss/dE[c + 1], all paths
+        if n:
+            g_states[n - 1] = gE[n]
+        for c in range(n - 1, 0, -1):
+            torch.addcmul(gE[c], decay[c][..., None, None], g_states[c], out=g_states[c - 1])
+        g_initial = gE[0] + decay[0][..., None, None] * g_states[0] if n else gE[0].clone()
+        g_decay = torch.einsum("cbgjpn,cbgjpn->cbgj", g_states, E[:-1])
+        return g_states, g_decay, g_initial
 
 
 def _check_shapes(x, dt, A, B, C, D, z, dt_bias, initial_states) -> None:
@@ -167,33 +199,37 @@ def ssd_scan(
     Cc = Cc.reshape(batch, n_chunks, T, groups, n_state)
     a = a.reshape(batch, n_chunks, T, groups, hpg).permute(0, 3, 4, 1, 2)  # [b, g, j, c, T]
 
-    seg = segsum(a)  # [b, g, j, c, T, T]
-    Lmat = torch.exp(seg)
-    a_cum = seg[..., :, 0] + a[..., :1]  # sum_{k<=t} a_k, [b, g, j, c, T]
-
-    # 1. inside each chunk: (C B^T ∘ L) X
-    CB = torch.einsum("bctgn,bcsgn->bgcts", Cc, Bc)
-    Y = torch.einsum("bgjcts,bcsgjp->bctgjp", CB.unsqueeze(2) * Lmat, X)
-
-    # 2. each chunk's end state from its own inputs: sum_s exp(sum_{s<k<=T-1} a_k) X_s B_s^T
-    decay_to_end = Lmat[..., -1, :]  # [b, g, j, c, T]
-    states = torch.einsum("bcsgn,bgjcs,bcsgjp->bcgjpn", Bc, decay_to_end, X)
-
-    # 3. pass states between chunks
-    chunk_decay = torch.exp(a_cum[..., -1])  # [b, g, j, c]
     if initial_states is not None:
         state = initial_states.to(dtype).reshape(batch, groups, hpg, head_dim, n_state)
     else:
         state = X.new_zeros(batch, groups, hpg, head_dim, n_state)
-    entering = []
-    # unbind, not indexing: each index's backward would allocate a zero tensor of the full size
-    for decay_c, state_c in zip(chunk_decay.unbind(-1), states.unbind(1)):
-        entering.append(state)
-        state = torch.addcmul(state_c, decay_c[..., None, None], state)
-    entering = torch.stack(entering, dim=1)  # [b, c, g, j, P, N]
-
+    # Chunks are processed in blocks of ``K`` (about BLOCK_STEPS time steps), so the [T, T] decay
+    # matrices and the in-chunk products of one block stay in cache; full-size [c, T, T] buffers make
+    # the time per token grow with length (memory bandwidth), the blocks keep it flat.
+    K = max(1, BLOCK_STEPS // T)
+    # split, not slicing: each slice's backward would write into a zero tensor of the full size
+    # (quadratic in length); one split node concatenates all the blocks' gradients once
+    a_s, C_s, B_s, X_s = a.split(K, dim=-2), Cc.split(K, dim=1), Bc.split(K, dim=1), X.split(K, dim=1)
+    Y_diag, states, decay_in = [], [], []
+    for a_b, C_b, B_b, X_b in zip(a_s, C_s, B_s, X_s):
+        seg = segsum(a_b)  # [b, g, j, k, T, T]
+        Lmat = torch.exp(seg)
+        decay_in.append(torch.exp(seg[..., :, 0] + a_b[..., :1]))  # exp(sum_{k<=t} a_k), [b, g, j, k, T]
+        # 1. inside each chunk: (C B^T ∘ L) X
+        CB = torch.einsum("bctgn,bcsgn->bgcts", C_b, B_b)
+        Y_diag.append(torch.einsum("bgjcts,bcsgjp->bctgjp", CB.unsqueeze(2) * Lmat, X_b))
+        # 2. each chunk's end state from its own inputs: sum_s exp(sum_{s<k<=T-1} a_k) X_s B_s^T
+        states.append(torch.einsum("bcsgn,bgjcs,bcsgjp->cbgjpn", B_b, Lmat[..., -1, :], X_b))
+    # 3. pass states between chunks (one step per chunk); the chunk's decay is exp(sum of its a)
+    chunk_decay = torch.exp(a.sum(-1)).permute(3, 0, 1, 2)  # [c, b, g, j]
+    E = _ChunkRecurrence.apply(torch.cat(states), chunk_decay, state)  # [c + 1, b, g, j, P, N]
+    entering, state = E.split([n_chunks, 1])
+    state = state[0]
     # 4. contribution of the entering state to every position of the chunk
-    Y = Y + torch.einsum("bctgn,bcgjpn,bgjct->bctgjp", Cc, entering, torch.exp(a_cum))
+    Y = torch.cat([
+        y_b + torch.einsum("bctgn,cbgjpn,bgjct->bctgjp", C_b, E_b, d_b)
+        for C_b, E_b, y_b, d_b in zip(C_s, entering.split(K), Y_diag, decay_in)
+    ], dim=1)
     Y = Y.reshape(batch, n_chunks * T, heads, head_dim)[:, :length]
     out = _skip_and_gate(Y, xc, D, z, x.dtype)
     if return_final_states:
