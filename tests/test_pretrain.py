@@ -240,3 +240,22 @@ def test_checkpoints_hold_no_pickle_and_resume_never_unpickles(corpora, tmp_path
     (ckpt / "optimizer.bin").write_bytes(b"never read")
     with pytest.raises(ResumeError, match=r"pickled training state \['optimizer.bin'\]"):
         run("cellfm", corpora["cellfm"], out, "--resume", str(ckpt))
+
+
+def test_batch_stream_draws_new_masks_every_epoch(corpora):
+    """Dynamic masking: the stream passes each epoch to the collator, so the same cells get other masked
+    positions in epoch 1 than in epoch 0 (and the same ones again when the stream is re-created there)."""
+    from hf_scfm.data import DataCollatorForMaskedRegression, load_corpus
+    from hf_scfm.training.pretrain import BatchStream
+
+    ds = load_corpus(str(corpora["cellfm"]), streaming=True, columns=["input_ids", "values", "cell_id"])
+    ds = ds.remove_columns(["cell_id"])  # no shuffle: epoch e yields the cells in the same order
+    n_batches = sum(1 for _ in ds) // 8 + (sum(1 for _ in ds) % 8 > 0)
+    stream = BatchStream(ds, 8, DataCollatorForMaskedRegression(seed=0))
+    batches = iter(stream)
+    first = [next(batches)["labels"] for _ in range(n_batches)]
+    second = next(batches)["labels"]
+    assert stream.epoch == 1
+    assert not torch.equal(first[0] != -100, second != -100)
+    again = next(iter(BatchStream(ds, 8, DataCollatorForMaskedRegression(seed=0), epoch=1)))["labels"]
+    assert torch.equal(again, second)

@@ -192,7 +192,13 @@ def _loader(dataset, batch_size: int):
 
 
 class BatchStream:
-    """Endless micro-batches of this rank's training stream, epoch after epoch, with a resumable position."""
+    """Endless micro-batches of this rank's training stream, epoch after epoch, with a resumable position.
+
+    Each epoch also goes to the collator (``collator.set_epoch``), so a masking objective draws new masks every
+    epoch (dynamic masking, as RoBERTa and scGPT do): with the same masks every epoch, a corpus of a few thousand
+    cells is seen with one fixed set of targets, which a model can memorise within a few hundred steps. Masks
+    still depend only on (seed, epoch, cell), so a resumed run sees the same batches.
+    """
 
     def __init__(self, dataset, batch_size: int, collator, epoch: int = 0, consumed: int = 0):
         self.dataset, self.batch_size, self.collator = dataset, batch_size, collator
@@ -201,6 +207,8 @@ class BatchStream:
     def __iter__(self):
         while True:
             self.dataset.set_epoch(self.epoch)
+            if hasattr(self.collator, "set_epoch"):  # dynamic masking: fresh masks every epoch (RoBERTa's)
+                self.collator.set_epoch(self.epoch)
             skip, produced = self.consumed, 0
             for index, records in enumerate(_loader(self.dataset, self.batch_size)):
                 produced += 1
