@@ -69,11 +69,17 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--warmup-ratio", type=float, default=0.0, metavar="R",
+                        help="linear warm-up over this fraction (in [0, 1)) of the steps, then linear decay (Trainer's "
+                             "schedule)")
     parser.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: tokenizer's)")
     parser.add_argument("--n-top-genes", type=int, default=None, metavar="N",
-                        help="read only the N most variable genes of --train (scanpy 'seurat' dispersion, per "
-                             "--hvg-batch-key batch if given); saved with the tokenizer, so annotate reads queries "
-                             "the same way (default: the checkpoint tokenizer's genes)")
+                        help="read only the N most variable genes of --train (--hvg-flavor, per --hvg-batch-key "
+                             "batch if given); saved with the tokenizer, so annotate reads queries the same way "
+                             "(default: the checkpoint tokenizer's genes)")
+    parser.add_argument("--hvg-flavor", default="pearson_residuals", metavar="FLAVOR",
+                        help="scanpy flavour of --n-top-genes: pearson_residuals (default, on raw counts), "
+                             "seurat_v3, seurat or cell_ranger (see GeneTokenizer.select_highly_variable_genes)")
     parser.add_argument("--hvg-batch-key", default=None, metavar="KEY",
                         help="obs column of batches for --n-top-genes (genes variable within batches)")
     parser.add_argument("--class-weight", default="none", choices=("none", "balanced"),
@@ -269,7 +275,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     train_adata = anndata.read_h5ad(args.train)
     if getattr(args, "n_top_genes", None):
-        tokenizer.select_highly_variable_genes(train_adata, args.n_top_genes, batch_key=args.hvg_batch_key)
+        tokenizer.select_highly_variable_genes(train_adata, args.n_top_genes, batch_key=args.hvg_batch_key,
+                                               flavor=getattr(args, "hvg_flavor", "pearson_residuals"))
     train_records = cell_records(train_adata, tokenizer, args.label_key, args.max_length, args.train)
     label_names = sorted({r[LABEL_COLUMN] for r in train_records})
     if len(label_names) < 2:
@@ -307,7 +314,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     training_args = TrainingArguments(
         output_dir=str(out / "trainer"), max_steps=args.max_steps, num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, seed=args.seed, data_seed=args.seed,
+        learning_rate=args.learning_rate, warmup_steps=float(getattr(args, "warmup_ratio", 0.0)), seed=args.seed,
+        data_seed=args.seed,
         eval_strategy="epoch" if eval_records and args.max_steps < 0 else "no",
         save_strategy="no", logging_steps=10, report_to=[], remove_unused_columns=False, label_names=["labels"],
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
