@@ -90,11 +90,11 @@ def finetune_job(family: str, dataset: str, split: str, pretrained: str, init: s
         train.write_h5ad(work / "train.h5ad")
         finetune_classifier(start, work / "train.h5ad", work / "classifier", steps=recipe["finetune_steps"],
                             batch_size=recipe["batch_size"], learning_rate=recipe["finetune_lr"], seed=seed,
-                            max_length=recipe["max_length"], extra=FINETUNE_OPTIONS.get(family, ()))
+                            max_length=recipe["max_length"], options=FINETUNE_OPTIONS.get(family, {}))
         loaded = load_model_and_tokenizer(work / "classifier", kind="classifier")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            annotated = annotate(loaded, test, label_key=common.LABEL_KEY, progress=False)
+            annotated = annotate(loaded, test, label_key=common.LABEL_KEY, progress=False, copy=True)
         m = annotated.uns[METRICS_KEY]
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -232,7 +232,7 @@ def pretrain_run(family_name: str, dataset: str, split: str, *, objective: str |
     from hf_scfm.data import build_corpus
     from hf_scfm.quickstart import RECIPES, build_tokenizer
     from hf_scfm.training.families import get_family
-    from hf_scfm.training.pretrain import build_pretrain_parser, pretrain
+    from hf_scfm.training.pretrain import PretrainArguments, pretrain
 
     family = get_family(family_name)
     objective = objective or family.default_objective
@@ -259,12 +259,11 @@ def pretrain_run(family_name: str, dataset: str, split: str, *, objective: str |
     build_corpus(train, tokenizer, folder / "corpus", max_length=recipe["max_length"], shard_size=max(train.n_obs, 1),
                  obs_columns=[LABEL_KEY], progress=False, overwrite=True)
     out = folder / "pretrained"
-    argv = ["--model", family_name, "--objective", objective, "--preset", "tiny", "--corpus", str(folder / "corpus"),
-            "--out", str(out), "--max-steps", str(steps), "--batch-size", str(recipe["batch_size"]),
-            "--learning-rate", str(recipe["pretrain_lr"]), "--eval-fraction", "0", "--eval-steps", "0",
-            "--logging-steps", str(max(1, min(10, steps // 10))), "--save-steps", str(eval_every),
-            "--shuffle-buffer", "10000", "--seed", str(seed), "--no-progress"]
-    pretrain(build_pretrain_parser().parse_args(argv))
+    pretrain(PretrainArguments(
+        model=family_name, objective=objective, preset="tiny", corpus=str(folder / "corpus"), out=str(out),
+        max_steps=steps, batch_size=recipe["batch_size"], learning_rate=recipe["pretrain_lr"], eval_fraction=0.0,
+        eval_steps=0, logging_steps=max(1, min(10, steps // 10)), save_steps=eval_every, shuffle_buffer=10000,
+        seed=seed, progress=False))
 
     kind = OBJECTIVE_KIND[family.objective(objective).collator]
     records = cell_records(tokenizer, train, recipe["max_length"])

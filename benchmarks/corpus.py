@@ -46,24 +46,25 @@ import numpy as np
 BUILD_SCRIPT = r"""
 import json, os, resource, sys, time
 args = json.loads(sys.argv[1])
-import hf_scfm.data.corpus as corpus
+import hf_scfm.data.corpus_inputs as inputs
+import hf_scfm.data.shards as shards
 from hf_scfm.data import build_corpus
 from hf_scfm.tokenization import GeneTokenizer
 tok = GeneTokenizer.from_species("human", encoding="binned")
-tok(corpus._open_backed(args["input"])[:10].to_memory())  # warm the gene tables and the kernel outside the timing
+tok(inputs.open_backed(args["input"])[:10].to_memory())  # warm the gene tables and the kernel outside the timing
 if args["old"]:  # the previous builder: padded tokenizer output, one thread (HF_SCFM_NUMBA=0 is set by the caller)
-    corpus._tokenize_chunk = corpus._tokenize_chunk_padded
-    corpus.PIPELINE_DEPTH = 0
+    shards.tokenize_chunk = shards.tokenize_chunk_padded
+    shards.PIPELINE_DEPTH = 0
 rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 tokenize_cpu = [0.0]
-inner = corpus._tokenize_chunk
+inner = shards.tokenize_chunk
 def timed(*a, **k):
     c = time.thread_time()  # the tokenizing thread's CPU (HF_SCFM_TOKENIZER_THREADS=1: no pool threads)
     try:
         return inner(*a, **k)
     finally:
         tokenize_cpu[0] += time.thread_time() - c
-corpus._tokenize_chunk = timed
+shards.tokenize_chunk = timed
 def cpu():
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
@@ -153,7 +154,7 @@ def _cpu() -> float:
 def stream(corpus: str, batch_size: int, max_batches: int | None, workers: int, processes: bool,
            records_batches: int) -> dict:
     from hf_scfm.data import DataCollatorForMaskedExpression, load_corpus
-    from hf_scfm.data.loading import iter_batches
+    from hf_scfm.data.streaming import iter_batches
 
     import datasets
     import torch

@@ -74,7 +74,7 @@ def _embed(path: Path, family: str, adata, random_seed: int | None = None):
             config = fam.config_cls.from_pretrained(path, **overrides)
             model = fam.get(fam.model_class)(config)
     model.eval()
-    out = embed(model, adata.copy(), tokenizer=tokenizer, progress=False)
+    out = embed(model, adata, tokenizer=tokenizer, progress=False, copy=True)
     return out.obsm[embedding_key(model)]
 
 

@@ -3,8 +3,8 @@
 For Mamba-1 (``transformers.models.mamba.MambaMixer``, whose CPU path loops over time steps in
 Python) and Mamba-2 (``transformers.models.mamba2.Mamba2Mixer``, chunked SSD in PyTorch) this builds
 the mixer with a fixed seed and runs forward + backward on a fixed input, once with transformers'
-own code and once with the *same module's weights* routed through ``hf_scfm.modeling.ops``
-(``causal_conv1d`` + ``selective_scan`` / ``ssd_scan``). It prints, per length:
+own code and once with the *same module's weights* routed through our ops (``causal_conv1d`` + ``selective_scan`` /
+``ssd_scan``, beside the modeling files in ``hf_scfm/modeling/<family>/``). It prints, per length:
 
 * CPU time (``time.process_time``; with one thread this is the wall time of an idle machine, and
   unlike wall time it does not count time spent waiting for a busy CPU) of forward+backward for
@@ -66,7 +66,8 @@ def build_mixer(family: str, d_model: int, d_state: int, chunk_size: int):
 
 def ours_mamba1(m, hidden):
     """MambaMixer's computation with hf_scfm ops (same weights)."""
-    from hf_scfm.modeling.ops import causal_conv1d, selective_scan
+    from hf_scfm.modeling.mouse_genemamba.conv import causal_conv1d
+    from hf_scfm.modeling.mouse_genemamba.selective_scan import selective_scan
 
     x, gate = m.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
     x = causal_conv1d(x, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation="silu", backend="torch")
@@ -81,7 +82,8 @@ def ours_mamba1(m, hidden):
 
 def ours_mamba2(m, hidden):
     """Mamba2Mixer's computation with hf_scfm ops (same weights)."""
-    from hf_scfm.modeling.ops import causal_conv1d, ssd_scan
+    from hf_scfm.modeling.scmamba2.conv import causal_conv1d
+    from hf_scfm.modeling.scmamba2.ssd import ssd_scan
 
     b, L, _ = hidden.shape
     gate, xbc, dt = m.in_proj(hidden).split([m.intermediate_size, m.conv_dim, m.num_heads], dim=-1)

@@ -8,7 +8,8 @@ perturbed regulators, ``--doubles`` random pairs, 80 cells per condition, 1,000 
 split GEARS-style (25 % of the perturbed genes held out: unseen singles, doubles with 0/1/2 seen genes).
 mouse_genemamba runs on the same simulation with mouse gene IDs (its vocabulary), which draws a different
 network, so each family's rows of baselines are its own. Each family's ``tiny`` preset (random initialisation:
-no pretraining, so this measures the heads and the backbones' inductive bias, not transfer) is fine-tuned with :func:`finetune_perturbation` and scored with
+no pretraining, so this measures the heads and the backbones' inductive bias, not transfer), as its
+``<Family>ForPerturbationPrediction``, is fine-tuned with :func:`finetune_perturbation` and scored with
 :func:`evaluate_perturbation` on the held-out conditions, next to the no-change, training-mean and additive
 baselines. Reverse perturbation: all 1- and 2-gene combinations of the perturbed genes ranked against every
 held-out condition; top-1/5/10 hit rates. Prints one Markdown table and writes it (and a JSON) to
@@ -27,6 +28,7 @@ import torch
 
 from hf_scfm.tasks import perturbation as P
 from hf_scfm.tasks.grn_simulation import simulate_perturb_seq
+from hf_scfm.tasks.reverse_perturbation import reverse_perturbation
 from hf_scfm.tokenization import GeneTokenizer
 from hf_scfm.training.families import FAMILIES
 
@@ -51,7 +53,7 @@ def run_family(family: str, args) -> dict:
     train_s = time.time() - start
     ev = P.evaluate_perturbation(model, tok, data, split, n_control_cells=128, seed=args.seed)
     candidates = [data.gene_labels(c)[0] for c in data.conditions if len(data.genes_of[c]) == 1]
-    reverse = P.reverse_perturbation(model, tok, data, candidates, split["test"], top_k=(1, 5, 10), n_control_cells=64)
+    reverse = reverse_perturbation(model, tok, data, candidates, split["test"], top_k=(1, 5, 10), n_control_cells=64)
     return {"family": family, "params": n_params, "train_s": train_s, "summary": ev["summary"],
             "reverse_hit_rate": reverse.hit_rate, "n_candidates": len(candidates),
             "n_combinations": len(candidates) * (len(candidates) + 1) // 2, "n_targets": len(split["test"]),

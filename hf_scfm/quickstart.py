@@ -1,6 +1,7 @@
 """The main job, ``hf-scfm quickstart``: from bundled raw counts to an annotated AnnData, on CPU, in minutes.
 
-``run_quickstart(model="cellfm")`` (the default family) runs every stage of the package once, on real bundled data:
+``quickstart(QuickstartArguments())`` (``hf-scfm quickstart``; the default family is CellFM) runs every stage of
+the package once, on real bundled data:
 
 1. load a bundled dataset (default: the family's species: ``baron_human`` for SC-MAMBA2 / CellFM,
    ``baron_mouse`` for Mouse-GeneMamba) and split it by donor: the training donors are the reference, the
@@ -49,8 +50,9 @@ Choices, and why:
   two types (human2: 0.20 / 0.03 with, 0.76 / 0.34 without; lr 1e-3 did not help).
 * **Full fine-tuning** (``--no-lora``): a model pretrained for a minute has little to keep frozen; training all
   weights is what makes it competitive. The classifier is saved as a plain model (loads without peft).
-* The stages call the package's own functions with the arguments their CLIs would parse
-  (``build_pretrain_parser().parse_args([...])``), so the quickstart is exactly what a user would type.
+* The stages call the package's own Python functions with the argument objects their commands parse
+  (``pretrain(PretrainArguments(...))``, ``finetune(FinetuneArguments(...), FinetuneTrainingArguments(...))``), so
+  the quickstart is exactly what a user would type.
 
 :func:`prepare_split`, :func:`build_tokenizer`, :func:`pretrain_tiny` and :func:`finetune_classifier` are
 reused by ``benchmarks/annotation.py``.
@@ -58,15 +60,16 @@ reused by ``benchmarks/annotation.py``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DEFAULT_MODEL", "run_quickstart", "add_quickstart_arguments", "quickstart_command", "DEFAULT_DATASET", "HELD_OUT_DONOR",
-           "N_TOP_GENES", "FINETUNE_OPTIONS", "RECIPES", "prepare_split", "build_tokenizer", "pretrain_tiny",
-           "finetune_classifier"]
+from .training.families import FAMILIES
+
+__all__ = ["QuickstartArguments", "quickstart", "DEFAULT_MODEL", "DEFAULT_DATASET", "HELD_OUT_DONOR", "N_TOP_GENES",
+           "FINETUNE_OPTIONS", "RECIPES", "prepare_split", "build_tokenizer", "pretrain_tiny", "finetune_classifier"]
 
 #: The family the quickstart trains by default: the best annotator of ``benchmarks/annotation.py`` (README).
 DEFAULT_MODEL = "cellfm"
@@ -74,15 +77,13 @@ DEFAULT_MODEL = "cellfm"
 DEFAULT_DATASET = {"human": "baron_human", "mouse": "baron_mouse"}
 #: The query donor of each bundled multi-donor dataset (see the module docstring).
 HELD_OUT_DONOR = {"baron_human": "human4", "baron_mouse": "mouse1"}
-#: Tokens per cell by default (specials included).
-DEFAULT_MAX_LENGTH = 128
 #: Genes read per cell: the most variable genes of the training cells (see the module docstring).
 N_TOP_GENES = 1000
-#: ``hf-scfm finetune`` options per family (see the module docstring).
+#: :class:`~hf_scfm.training.finetune.FinetuneArguments` fields per family (see the module docstring).
 FINETUNE_OPTIONS = {
-    "scmamba2": ("--class-weight", "balanced", "--pooling", "mean"),
-    "cellfm": ("--class-weight", "balanced"),
-    "mouse_genemamba": (),
+    "scmamba2": {"class_weight": "balanced", "pooling": "mean"},
+    "cellfm": {"class_weight": "balanced"},
+    "mouse_genemamba": {},
 }
 LABEL_KEY = "cell_type"
 #: Per family, the recipe the quickstart and ``benchmarks/`` use: genes read (most variable of the training cells,
@@ -155,36 +156,31 @@ def pretrain_tiny(family_name: str, train, tokenizer, work: Path, *, steps: int,
                   max_length: int, learning_rate: float = 2e-3, seed: int = 0, progress: bool = True) -> dict:
     """Corpus of ``train`` (``work/corpus``) and a ``tiny`` model pretrained on it (``work/pretrained``)."""
     from .data import build_corpus
-    from .training.pretrain import build_pretrain_parser, pretrain
+    from .training.pretrain import PretrainArguments, pretrain
 
     corpus = work / "corpus"
     build_corpus(train, tokenizer, corpus, max_length=max_length, shard_size=max(train.n_obs, 1),
                  obs_columns=[LABEL_KEY], progress=False, overwrite=True)
-    argv = ["--model", family_name, "--preset", "tiny", "--corpus", str(corpus), "--out", str(work / "pretrained"),
-            "--max-steps", str(steps), "--batch-size", str(batch_size), "--learning-rate", str(learning_rate),
-            "--eval-fraction", "0.05", "--eval-steps", "0", "--eval-batches", "4",
-            "--logging-steps", str(max(1, min(10, steps // 10))), "--save-steps", str(steps + 1),
-            "--shuffle-buffer", "2000", "--seed", str(seed)]
-    if not progress:
-        argv.append("--no-progress")
-    return pretrain(build_pretrain_parser().parse_args(argv))
+    return pretrain(PretrainArguments(
+        model=family_name, preset="tiny", corpus=str(corpus), out=str(work / "pretrained"), max_steps=steps,
+        batch_size=batch_size, learning_rate=learning_rate, eval_fraction=0.05, eval_steps=0, eval_batches=4,
+        logging_steps=max(1, min(10, steps // 10)), save_steps=steps + 1, shuffle_buffer=2000, seed=seed,
+        progress=progress))
 
 
 def finetune_classifier(pretrained: Path, train_h5ad: Path, out: Path, *, steps: int, batch_size: int = 16,
                         learning_rate: float = 3e-3, lora: bool = False, seed: int = 0,
-                        max_length: int | None = None, extra: list[str] | tuple[str, ...] = ()) -> dict:
-    """``hf-scfm finetune`` of ``pretrained`` on ``train_h5ad`` (full fine-tuning unless ``lora``); ``extra``:
-    more ``hf-scfm finetune`` arguments (e.g. :data:`FINETUNE_OPTIONS` of the family)."""
-    from .training.finetune import add_finetune_arguments, finetune
+                        max_length: int | None = None, options: dict | None = None) -> dict:
+    """Fine-tune ``pretrained`` on ``train_h5ad`` into ``out`` (full fine-tuning unless ``lora``, then merged);
+    ``options``: more :class:`~hf_scfm.training.finetune.FinetuneArguments` fields (e.g. :data:`FINETUNE_OPTIONS`
+    of the family)."""
+    from .training.finetune import FinetuneArguments, FinetuneTrainingArguments, finetune
 
-    argv = ["--model", str(pretrained), "--train", str(train_h5ad), "--label-key", LABEL_KEY, "--out", str(out),
-            "--max-steps", str(steps), "--batch-size", str(batch_size), "--learning-rate", str(learning_rate),
-            "--seed", str(seed), "--lora" if lora else "--no-lora", *extra]
-    if lora:
-        argv.append("--merge")
-    if max_length is not None:
-        argv += ["--max-length", str(max_length)]
-    return finetune(add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv))
+    args = FinetuneArguments(model=str(pretrained), train=str(train_h5ad), label_key=LABEL_KEY, lora=lora, merge=lora,
+                             max_length=max_length, **(options or {}))
+    training = FinetuneTrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size,
+                                         learning_rate=learning_rate, seed=seed)
+    return finetune(args, training)
 
 
 def _print_table(rows: list[tuple[str, dict]]) -> str:
@@ -195,25 +191,39 @@ def _print_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def run_quickstart(model: str = DEFAULT_MODEL, out_dir: str | Path = "quickstart_out", dataset: str | None = None,
-                   max_length: int | None = None, *, pretrain_steps: int | None = None,
-                   finetune_steps: int | None = None, batch_size: int | None = None, max_cells: int | None = None,
-                   n_top_genes: int | None = -1, seed: int = 0, progress: bool = True) -> dict:
-    """Run the main job (see the module docstring); return a summary dict (paths, metrics, seconds).
+@dataclass
+class QuickstartArguments:
+    """What ``hf-scfm quickstart`` takes (every field has a default: ``hf-scfm quickstart`` alone is the main job)."""
 
-    Args:
-        model: family name (``scmamba2``, ``cellfm``, ``mouse_genemamba``).
-        out_dir: output folder (created; existing files of a previous run are overwritten).
-        dataset: bundled dataset (default: the family's species, see :data:`DEFAULT_DATASET`).
-        max_length: tokens per cell, specials included (default: the family's :data:`RECIPES`).
-        pretrain_steps, finetune_steps, batch_size: the training budget (default: the family's :data:`RECIPES`,
-            which take ~3-5 min on 2 CPU cores).
-        max_cells: use at most this many cells (a stratified-by-donor subsample; for tests and smoke runs).
-        n_top_genes: read only this many most variable genes of the training cells (None or 0: all genes; -1, the
-            default: the family's :data:`RECIPES`).
-        seed: seed of the split, subsample and training.
-        progress: show progress bars.
-    """
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "choices": sorted(FAMILIES),
+        "help": f"model family (default {DEFAULT_MODEL}: the family that annotates best in the benchmark)"})
+    out: str = field(default="quickstart_out", metadata={"help": "output folder (files of a previous run are "
+                                                                 "overwritten)"})
+    dataset: str | None = field(default=None, metadata={
+        "help": "bundled dataset: baron_human, baron_mouse or pbmc68k (default: the family's species)"})
+    max_length: int | None = field(default=None, metadata={"help": "tokens per cell, specials included (default: "
+                                                                   "the family's recipe, quickstart.RECIPES)"})
+    n_top_genes: int | None = field(default=-1, metadata={
+        "help": "genes read per cell: the N most variable of the training cells (0 = all; default -1: the family's "
+                "recipe, quickstart.RECIPES)"})
+    pretrain_steps: int | None = field(default=None, metadata={"help": "pretraining steps (default: the recipe's)"})
+    finetune_steps: int | None = field(default=None, metadata={"help": "fine-tuning steps (default: the recipe's)"})
+    batch_size: int | None = field(default=None, metadata={"help": "cells per batch (pretraining and fine-tuning; "
+                                                                   "default: the recipe's)"})
+    max_cells: int | None = field(default=None, metadata={
+        "help": "use at most this many cells (a random subsample; for tests and smoke runs)"})
+    seed: int = field(default=0, metadata={"help": "seed of the split, subsample and training"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars (--no-progress: none)"})
+
+    def __post_init__(self):
+        if self.model not in FAMILIES:
+            raise ValueError(f"--model {self.model!r} is not a model family ({', '.join(sorted(FAMILIES))}).")
+
+
+def quickstart(args: QuickstartArguments) -> dict:
+    """Run the main job (see the module docstring); return a summary dict (paths, metrics, seconds). The default
+    budget takes ~3-5 min on 2 CPU cores."""
     import numpy as np
 
     from .data import load_example
@@ -222,22 +232,23 @@ def run_quickstart(model: str = DEFAULT_MODEL, out_dir: str | Path = "quickstart
     from .training.families import get_family
 
     started = time.time()
+    model, seed, progress = args.model, args.seed, args.progress
     family = get_family(model)
-    dataset = dataset or DEFAULT_DATASET[family.species]
+    dataset = args.dataset or DEFAULT_DATASET[family.species]
     recipe = RECIPES[model]
-    max_length = max_length or recipe["max_length"]
-    pretrain_steps = pretrain_steps or recipe["pretrain_steps"]
-    finetune_steps = finetune_steps or recipe["finetune_steps"]
-    batch_size = batch_size or recipe["batch_size"]
-    n_top_genes = recipe["n_top_genes"] if n_top_genes == -1 else n_top_genes
-    out = Path(out_dir)
+    max_length = args.max_length or recipe["max_length"]
+    pretrain_steps = args.pretrain_steps or recipe["pretrain_steps"]
+    finetune_steps = args.finetune_steps or recipe["finetune_steps"]
+    batch_size = args.batch_size or recipe["batch_size"]
+    n_top_genes = recipe["n_top_genes"] if args.n_top_genes == -1 else args.n_top_genes
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
 
     adata = load_example(dataset)
-    if max_cells is not None and max_cells < adata.n_obs:
+    if args.max_cells is not None and args.max_cells < adata.n_obs:
         rng = np.random.default_rng(seed)
-        adata = adata[np.sort(rng.choice(adata.n_obs, size=max_cells, replace=False))].copy()
+        adata = adata[np.sort(rng.choice(adata.n_obs, size=args.max_cells, replace=False))].copy()
     train, test, split = prepare_split(adata, dataset, seed=seed)
     print(f"[1/6] {dataset}: {adata.n_obs:,} cells x {adata.n_vars:,} genes ({adata.uns['species']}), "
           f"{adata.obs[LABEL_KEY].nunique()} cell types; {split}: {train.n_obs:,} train / {test.n_obs:,} query cells")
@@ -272,7 +283,7 @@ def run_quickstart(model: str = DEFAULT_MODEL, out_dir: str | Path = "quickstart
     with quiet_load_report():  # the load report (new head, dropped pretraining head) is expected here
         finetune_classifier(work / "pretrained", train_h5ad, classifier, steps=finetune_steps,
                             batch_size=batch_size, learning_rate=recipe["finetune_lr"], seed=seed,
-                            max_length=max_length, extra=FINETUNE_OPTIONS.get(model, ()))
+                            max_length=max_length, options=FINETUNE_OPTIONS.get(model, {}))
     print(f"[4/6] fine-tuned for annotation ({finetune_steps} steps, all weights) in {time.time() - t0:.0f} s")
 
     t0 = time.time()
@@ -302,7 +313,7 @@ def run_quickstart(model: str = DEFAULT_MODEL, out_dir: str | Path = "quickstart
     result = {
         "model": model, "dataset": dataset, "split": split, "n_train": int(train.n_obs), "n_query": int(test.n_obs),
         "max_length": max_length, "n_top_genes": len(tokenizer.gene_subset or []) or None,
-        "finetune_options": list(FINETUNE_OPTIONS.get(model, ())), "pretrain_steps": pretrain_steps,
+        "finetune_options": dict(FINETUNE_OPTIONS.get(model, {})), "pretrain_steps": pretrain_steps,
         "finetune_steps": finetune_steps,
         "metrics": {k: v for k, v in metrics.items()},
         "baseline_metrics": {k: v for k, v in baseline["metrics"].items()},
@@ -335,38 +346,3 @@ def _json_default(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
-
-
-def add_quickstart_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .training.families import FAMILIES
-
-    parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(FAMILIES),
-                        help=f"model family (default {DEFAULT_MODEL}: the family that annotates best in the benchmark)")
-    parser.add_argument("--out", default="quickstart_out", help="output folder")
-    parser.add_argument("--dataset", default=None,
-                        help="bundled dataset: baron_human, baron_mouse or pbmc68k (default: the family's species)")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: the family's recipe)")
-    parser.add_argument("--n-top-genes", type=int, default=-1,
-                        help="genes read per cell: the N most variable of the training cells (0 = all; default: the "
-                             "family's recipe, quickstart.RECIPES)")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="default: the family's recipe")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="default: the family's recipe")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
-
-
-def quickstart_command(args: argparse.Namespace) -> int:
-    run_quickstart(model=args.model, out_dir=args.out, dataset=args.dataset, max_length=args.max_length,
-                   pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-                   n_top_genes=args.n_top_genes, seed=args.seed)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-scfm quickstart")
-    add_quickstart_arguments(parser)
-    return quickstart_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

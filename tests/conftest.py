@@ -2,7 +2,56 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import pytest
+
+_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _caller_of_warning_source() -> tuple[str, str, int] | None:
+    """``(module, file, line)`` of the first frame outside the package that issued the warning being shown.
+
+    Called from inside ``warnings.showwarning``: the innermost frames are the warnings machinery, then the frames
+    of the package that warned (``transformers``: a deprecated method, a ``deprecate_kwarg`` wrapper...). The first
+    frame of another package is the code that called the deprecated API."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("warnings", __name__):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    source = frame.f_globals.get("__name__", "").split(".")[0]
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in (source, "functools", "contextlib"):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    return frame.f_globals.get("__name__", ""), frame.f_code.co_filename, frame.f_lineno
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_calls_from_hf_scfm():
+    """Fail a test in which hf_scfm itself calls a deprecated API of a dependency (transformers, peft, datasets,
+    torch, ...). A deprecation is how a rename announces itself (transformers 5.24 renamed `cache_params` to
+    `cache`): CI on the newest releases must fail on it, not a user's run after the removal. Deprecated calls made
+    inside a dependency (peft calling transformers) are theirs and are let through."""
+    ours: list[str] = []
+    previous = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, _DEPRECATIONS):
+            caller = _caller_of_warning_source()
+            if caller is not None and caller[0].startswith("hf_scfm"):
+                ours.append(f"{caller[1]}:{caller[2]}: {category.__name__}: {message}")
+        return previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+    if ours:
+        pytest.fail("hf_scfm calls a deprecated API:\n" + "\n".join(dict.fromkeys(ours)), pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +160,8 @@ sys.path[:] = [p for p in sys.path if p not in ("", ".")]
 @pytest.fixture
 def python_without_hf_scfm(tmp_path):
     """Run Python code in a subprocess where ``hf_scfm`` cannot be imported (but torch, transformers and
-    huggingface_hub can): ``run(code, timeout=120) -> subprocess.CompletedProcess`` (text, captured output).
+    huggingface_hub can): ``run(code, timeout=120) -> subprocess.CompletedProcess`` (text, captured output). The
+    interpreter runs isolated (``python -I``: no ``PYTHON*`` variables, no user site, no script folder on the path).
 
     The subprocess inherits the current environment, so inside a test that also uses ``hub_server`` it talks to
     the local Hub (``HF_ENDPOINT`` and friends are set before its interpreter starts). ``hf_scfm`` is hidden by a
@@ -127,7 +177,7 @@ def python_without_hf_scfm(tmp_path):
 
     def run(code: str, timeout: float = 120):
         return subprocess.run(
-            [sys.executable, "-c", _HIDE_HF_SCFM + code],
+            [sys.executable, "-I", "-c", _HIDE_HF_SCFM + code],
             cwd=workdir, capture_output=True, text=True, timeout=timeout,
         )
 

@@ -7,7 +7,6 @@ four major pancreas types, restricted to their 100 most expressed genes; the tes
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 
@@ -15,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from hf_scfm.cli import main, parse
 from hf_scfm.tasks.annotation import (
-    CLASSES_KEY, CONFIDENCE_KEY, METRICS_KEY, PREDICTION_KEY, PROBABILITIES_KEY, annotate, confusion_counts, main,
+    CLASSES_KEY, CONFIDENCE_KEY, METRICS_KEY, PREDICTION_KEY, PROBABILITIES_KEY, annotate, confusion_counts,
     score_predictions,
 )
-from hf_scfm.training.finetune import add_finetune_arguments, classification_metrics, finetune
+from hf_scfm.training.finetune import classification_metrics, finetune
 
 from test_pretrain import small_adata, small_tokenizer
 
@@ -48,11 +48,11 @@ def trained(tmp_path_factory, one_thread):
     family.pretraining_cls()(config).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     train.write_h5ad(root / "train.h5ad")
-    args = add_finetune_arguments(argparse.ArgumentParser()).parse_args([
-        "--model", str(root / "base"), "--train", str(root / "train.h5ad"), "--label-key", "cell_type",
+    _, args = parse([
+        "finetune", "--model", str(root / "base"), "--train", str(root / "train.h5ad"), "--label-key", "cell_type",
         "--out", str(root / "classifier"), "--no-lora", "--max-steps", "80", "--batch-size", "16",
         "--learning-rate", "3e-3", "--max-length", str(MAX_LENGTH)])
-    finetune(args)
+    finetune(*args)
     query.write_h5ad(root / "query.h5ad")
     return root / "classifier", query, train
 
@@ -61,11 +61,16 @@ def test_annotate_predicts_held_out_cells_with_calibrated_outputs(trained, tmp_p
     model, query, train = trained
     before = query.copy()
     png = tmp_path / "cm.png"
-    out = annotate(model, query, label_key="cell_type", batch_size=32, out_png=png, progress=False)
+    out = annotate(model, query, label_key="cell_type", batch_size=32, out_png=png, progress=False, copy=True)
 
-    # the input is untouched; the output is the same cells, same order
+    # copy=True: the input is untouched; the output is the same cells, same order
     assert PREDICTION_KEY not in query.obs and list(query.obs_names) == list(before.obs_names)
     assert list(out.obs_names) == list(query.obs_names) and out.n_vars == query.n_vars
+    # the default writes the same fields into the AnnData given, and returns None
+    inplace = query.copy()
+    assert annotate(model, inplace, label_key="cell_type", batch_size=32, progress=False) is None
+    np.testing.assert_array_equal(inplace.obsm[PROBABILITIES_KEY], out.obsm[PROBABILITIES_KEY])
+    assert inplace.uns[METRICS_KEY]["accuracy"] == out.uns[METRICS_KEY]["accuracy"]
     classes = list(out.uns[CLASSES_KEY])
     assert classes == sorted(train.obs["cell_type"].astype(str).unique())
     probs = out.obsm[PROBABILITIES_KEY]
@@ -88,7 +93,7 @@ def test_annotate_predicts_held_out_cells_with_calibrated_outputs(trained, tmp_p
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # order of cells is kept: a reversed query gives the reversed annotations (batch composition aside)
-    rev = annotate(model, query[::-1].copy(), batch_size=7, progress=False)
+    rev = annotate(model, query[::-1], batch_size=7, progress=False, copy=True)
     assert list(rev.obs_names) == list(query.obs_names[::-1])
     np.testing.assert_allclose(rev.obsm[PROBABILITIES_KEY][::-1], probs, atol=1e-4)
     assert METRICS_KEY not in rev.uns  # no label key: no scoring
@@ -100,7 +105,7 @@ def test_unseen_query_labels_are_reported_and_excluded(trained):
     q.obs["cell_type"] = q.obs["cell_type"].astype(str)
     q.obs.iloc[:10, q.obs.columns.get_loc("cell_type")] = "alien cell"
     with pytest.warns(UserWarning, match=r"10 cell\(s\) with label\(s\) unseen in training \(alien cell: 10\)"):
-        out = annotate(model, q, label_key="cell_type", progress=False)
+        out = annotate(model, q, label_key="cell_type", progress=False, copy=True)
     m = out.uns[METRICS_KEY]
     assert m["n_scored"] == N_QUERY - 10 and m["n_excluded"] == 10 and m["unseen_labels"] == {"alien cell": 10}
     pred, truth = out.obs[PREDICTION_KEY].astype(str).to_numpy(), q.obs["cell_type"].to_numpy()
@@ -159,8 +164,8 @@ def test_cli_writes_annotated_h5ad_and_confusion_png(trained, tmp_path, capsys):
     model, query, _ = trained
     out = tmp_path / "q_annotated.h5ad"
     query_path = model.parent / "query.h5ad"
-    assert main(["--model", str(model), "--query", str(query_path), "--out", str(out), "--label-key", "cell_type",
-                 "--batch-size", "50"]) == 0
+    assert main(["annotate", "--model", str(model), "--query", str(query_path), "--out", str(out), "--label-key",
+                 "cell_type", "--batch-size", "50"]) == 0
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "macro-F1" in printed and "macro precision" in printed
     back = anndata.read_h5ad(out)
@@ -168,8 +173,26 @@ def test_cli_writes_annotated_h5ad_and_confusion_png(trained, tmp_path, capsys):
     assert 0 <= back.uns[METRICS_KEY]["f1_macro"] <= 1
     assert (tmp_path / "q_annotated_confusion.png").stat().st_size > 1000
 
-    assert main(["--model", str(model), "--query", str(query_path), "--out", str(out), "--label-key", "nope"]) == 2
+    assert main(["annotate", "--model", str(model), "--query", str(query_path), "--out", str(out), "--label-key",
+                 "nope"]) == 2
     assert "no obs column 'nope'" in capsys.readouterr().err
+
+    # counts in a layer: --layer reads them (X is log-normalised here, which the tokenizer refuses)
+    logged = query.copy()
+    logged.layers["counts"] = logged.X.copy()
+    dense = np.asarray(logged.X.todense() if hasattr(logged.X, "todense") else logged.X, dtype=np.float64)
+    logged.X = np.log1p(dense / dense.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    logged.write_h5ad(tmp_path / "logged.h5ad")
+    args = ["annotate", "--model", str(model), "--query", str(tmp_path / "logged.h5ad"), "--out", str(tmp_path / "l.h5ad"),
+            "--batch-size", "50"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]  # (transformers' "Loading weights" bar aside)
+    assert "Traceback" not in err and len(lines) == 1
+    assert lines[0].startswith("hf-scfm annotate: error: Expected raw counts") and "layer=" in lines[0]
+    assert main([*args, "--layer", "counts", "--no-progress"]) == 0
+    np.testing.assert_array_equal(anndata.read_h5ad(tmp_path / "l.h5ad").obsm[PROBABILITIES_KEY],
+                                  anndata.read_h5ad(out).obsm[PROBABILITIES_KEY])
 
 
 def test_logistic_regression_baseline(trained, monkeypatch):
@@ -204,5 +227,5 @@ def test_logistic_regression_baseline(trained, monkeypatch):
         logistic_regression_baseline(train, query, "cell_type", genes=[genes[0], "NOPE"])
 
     monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)
-    with pytest.raises(ImportError, match=r'pip install -e "\.\[plots\]"'):
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
         logistic_regression_baseline(train, query, "cell_type")

@@ -1,4 +1,5 @@
-"""The collators' flat fast paths (NumPy, and the optional numba kernel) against the padded reference."""
+"""The masking rule's one compiled fast path (numba) against its plain reference (hf_scfm.data.masking), and
+iter_batches / read-ahead / output blocks (hf_scfm.data.batching, hf_scfm.data.streaming)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from hf_scfm.data import collators as C
+from hf_scfm.data import batching as B
+from hf_scfm.data import masking as M
 from hf_scfm.data.collators import DataCollatorForGeneMLM, DataCollatorForMaskedExpression
-from hf_scfm.data.loading import iter_batches
+from hf_scfm.data.streaming import iter_batches
+from hf_scfm.tokenization.encodings import splitmix64
 
 
 def ragged_batch(seed=0):
@@ -25,60 +28,84 @@ def ragged_batch(seed=0):
     return records
 
 
-def padded_reference(records, fraction, seed, epoch):
-    """Chosen mask and keys by the [B, L] reference functions (_cell_keys, _uniforms, _choose_exact)."""
-    batch = C._pad_records(records, need_values=True, pad_to_multiple_of=None)
-    keys = C._cell_keys(batch["input_ids"], batch["values"])
-    u = C._uniforms(keys, batch["input_ids"].shape[1], seed, epoch, 0)
-    eligible = (batch["attention_mask"] == 1) & (batch["input_ids"] >= C.FIRST_GENE_ID)
-    return C._choose_exact(eligible, u, fraction), keys, batch["attention_mask"] == 1
+def prepadded(records):
+    """The same cells with a record padded by the tokenizer (its own attention mask, junk under the zeros)."""
+    records = list(records)
+    records[0] = dict(records[0], attention_mask=np.array([1] * 30 + [0] * 7))
+    records[7] = dict(records[7], attention_mask=np.array([1] * 100 + [0] * 29))
+    return records
 
 
-@pytest.mark.parametrize("use_kernel", [False, True])
-@pytest.mark.parametrize("seed,epoch", [(0, 0), (7, 3)])
-def test_flat_selection_and_keys_equal_padded_reference(use_kernel, seed, epoch, monkeypatch):
-    if use_kernel and C._choose_kernel() is None:
-        pytest.skip("numba not installed")
-    if not use_kernel:
-        monkeypatch.setattr(C, "_KERNEL", [None])
-    records = ragged_batch(seed)
-    fraction = np.random.default_rng(1).uniform(0.05, 0.95, size=len(records))
-    ref_chosen, ref_keys, real = padded_reference(records, fraction, seed, epoch)
-    col = DataCollatorForMaskedExpression(seed=seed)
-    col.set_epoch(epoch)
-    flat = C._flatten(records, need_values=True)
-    chosen = col._choose(flat, fraction)
-    assert np.array_equal(flat.keys(), ref_keys)
-    assert np.array_equal(flat.scatter(chosen, real.shape[1], False, bool), ref_chosen)
-    assert ref_chosen[4].sum() == np.floor(fraction[4] * 300 + 0.5)  # 301 tokens, <cls> excluded
-    assert ref_keys[4] == ref_keys[8] and len(set(ref_keys.tolist())) == len(records) - 1  # same content, same key
+def _pad(records, multiple=None):
+    return B.pad_flat(B.flatten(records, need_values=True), multiple)
 
 
-def test_flat_uniforms_equal_reference_everywhere():
-    records = ragged_batch(3)
-    flat = C._flatten(records, need_values=True)
-    batch = C._pad_records(records, need_values=True, pad_to_multiple_of=None)
-    ref = C._uniforms(C._cell_keys(batch["input_ids"], batch["values"]), batch["input_ids"].shape[1], 5, 2, 1)
-    real = batch["attention_mask"] == 1
-    assert np.array_equal(flat.draw(5, 2, 1), ref[real])
-    where = np.array([0, 3, 40, len(flat.ids) - 1])
-    assert np.array_equal(flat.draw(5, 2, 1, where), ref[real][where])
-    assert np.array_equal(flat.draw_first(5, 2, 1), C._uniforms(flat.keys(), 1, 5, 2, 1)[:, 0])  # empty cell too
+@pytest.fixture
+def compiled():
+    if M.compiled_kernels() is None:
+        pytest.skip("numba not installed: there is no compiled path")
 
 
-def test_kernel_and_numpy_paths_give_identical_batches(monkeypatch):
-    if C._choose_kernel() is None:
-        pytest.skip("numba not installed")
+@pytest.mark.parametrize("seed,epoch,fraction", [(0, 0, (0.4, 0.4)), (7, 3, (0.15, 0.4)), (123456789, 1, (0.05, 0.95)),
+                                                 (2**63 + 5, 2, (1.0, 1.0))])
+def test_compiled_choice_and_keys_equal_the_reference(seed, epoch, fraction, compiled):
+    """The one fast path against the plain definition: same keys, same chosen positions, on odd lengths, an empty
+    cell, a one-token cell, cells without genes, twin cells (tied keys), with and without a given mask, values or
+    not, padded to a multiple."""
+    for records in (ragged_batch(seed % 1000), prepadded(ragged_batch(seed % 1000 + 1))):
+        for strip_values in (False, True):
+            recs = [{k: v for k, v in r.items() if k != "values"} for r in records] if strip_values else records
+            flat = B.flatten(recs, need_values=False)
+            batch = B.pad_flat(flat, 8)
+            ref_chosen, ref_keys = M.choose_reference(batch["input_ids"], batch.get("values"), batch["attention_mask"],
+                                                      fraction, seed, epoch)
+            chosen, keys = M.choose_compiled(flat, fraction, seed, epoch)
+            assert np.array_equal(keys, ref_keys)
+            assert np.array_equal(flat.scatter(chosen, batch["input_ids"].shape[1], False, bool), ref_chosen)
+            assert ref_keys[4] == ref_keys[8] and len(set(ref_keys.tolist())) == len(recs) - 1
+
+
+def test_reference_is_the_definition():
+    """choose_reference spelled out by hand for one cell: key, uniforms, k smallest, ties by position."""
+    records = ragged_batch(4)
+    batch = _pad(records)
+    chosen, keys = M.choose_reference(batch["input_ids"], batch["values"], batch["attention_mask"], (0.3, 0.3), 9, 1)
+    b = 4  # 301 tokens, <cls> first
+    ids, vals = records[b]["input_ids"], records[b]["values"]
+    weights, vweights = M._position_weights(len(ids))
+    key_ids = sum(int(i) * int(w) % 2**32 for i, w in zip(ids, weights)) % 2**64  # 32-bit products
+    key_vals = sum(int(x) * int(w) % 2**32 for x, w in zip(vals.view(np.uint32), vweights)) % 2**64
+    mix = lambda x: int(splitmix64(np.uint64(x % 2**64)))
+    key = mix(mix(key_ids) ^ ((key_vals << 20) % 2**64))
+    assert keys[b] == key
+    start = mix(key ^ int(M.stream_base(9, 1, 0)))
+    u = [mix(start + (j + 1) * 0x9E3779B97F4A7C15) >> 11 for j in range(len(ids))]
+    genes = [j for j in range(len(ids)) if ids[j] >= M.FIRST_GENE_ID]
+    k = max(1, int(np.floor(0.3 * len(genes) + 0.5)))
+    expect = sorted(sorted(genes, key=lambda j: (u[j], j))[:k])
+    assert np.flatnonzero(chosen[b]).tolist() == expect
+
+
+def test_uniforms_at_any_positions_equal_the_padded_ones():
+    keys = np.array([3, 2**64 - 1, 12345], dtype=np.uint64)
+    grid = M.uniforms(keys[:, None], np.arange(50)[None, :], 5, 2, 1)
+    cell, pos = np.array([0, 2, 1, 1]), np.array([0, 49, 7, 8])
+    assert np.array_equal(M.uniforms(keys[cell], pos, 5, 2, 1), grid[cell, pos])
+    assert np.array_equal(M.cell_fractions(keys, (0.1, 0.3), 5, 2), 0.1 + (0.3 - 0.1) * M.uniforms(keys, 0, 5, 2, 3))
+    assert np.array_equal(M.cell_fractions(keys, (0.2, 0.2), 5, 2), np.full(3, 0.2))
+
+
+def test_compiled_and_reference_collators_give_identical_batches(compiled, monkeypatch):
     plain = ragged_batch(5)
-    prepadded = list(plain)
-    prepadded[0] = dict(plain[0], attention_mask=[1] * 30 + [0] * 7)  # a record padded by the tokenizer
     makers = [lambda: DataCollatorForMaskedExpression(seed=3, mask_fraction=(0.15, 0.4), pad_to_multiple_of=8),
+              lambda: DataCollatorForMaskedExpression(seed=1),
               lambda: DataCollatorForGeneMLM(vocab_size=900, seed=2)]
-    fast = [make()(recs) for make in makers for recs in (plain, prepadded)]
-    monkeypatch.setattr(C, "_KERNEL", [None])
-    slow = [make()(recs) for make in makers for recs in (plain, prepadded)]
+    inputs = (plain, prepadded(plain))
+    fast = [make()(recs) for make in makers for recs in inputs]
+    monkeypatch.setattr(M, "compiled_kernels", lambda: None)
+    slow = [make()(recs) for make in makers for recs in inputs]
     for a, b in zip(fast, slow):
-        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
 def test_iter_batches_equals_collating_records():
@@ -106,7 +133,7 @@ def test_iter_batches_equals_collating_records():
 
 
 def test_read_ahead_keeps_order_and_passes_errors_on():
-    from hf_scfm.data.loading import _read_ahead
+    from hf_scfm.data.streaming import _read_ahead
 
     assert list(_read_ahead(iter(range(50)), 3)) == list(range(50))
 
@@ -121,23 +148,21 @@ def test_read_ahead_keeps_order_and_passes_errors_on():
 
 
 @pytest.mark.parametrize("pad_to_multiple_of", [None, 8])
-def test_arrow_int32_batch_through_kernels_equals_numpy_path_on_records(pad_to_multiple_of, monkeypatch):
-    """A corpus batch as read (Arrow list<int32> ids, list<float32> values) takes the compiled path with
-    its ids uncopied and its outputs carved out of one block; it must equal the NumPy path on the same
-    cells given as int64 records: odd lengths, an empty cell, tied cells, batch > 1, two seeds."""
+def test_arrow_int32_batch_through_the_compiled_path_equals_the_reference_on_records(pad_to_multiple_of, compiled,
+                                                                                     monkeypatch):
+    """A corpus batch as read (Arrow list<int32> ids, list<float32> values) takes the compiled path with its ids
+    uncopied and its outputs carved out of one block; it must equal the reference on the same cells given as int64
+    records: odd lengths, an empty cell, tied cells, batch > 1, two seeds."""
     pa = pytest.importorskip("pyarrow")
-    if C._choose_kernel() is None:
-        pytest.skip("numba not installed")
     records = ragged_batch(7)
     table = pa.table({"input_ids": pa.array([r["input_ids"].astype(np.int32) for r in records], pa.list_(pa.int32())),
                       "values": pa.array([r["values"] for r in records], pa.list_(pa.float32()))})
     makers = [lambda: DataCollatorForMaskedExpression(seed=11, pad_to_multiple_of=pad_to_multiple_of),
               lambda: DataCollatorForMaskedExpression(seed=2, mask_fraction=(0.15, 0.4),
                                                       pad_to_multiple_of=pad_to_multiple_of)]
-    flat = C._flatten(table, need_values=True)
-    assert flat.ids.dtype == np.int32  # no int64 copy of the ids
+    assert B.flatten(table, need_values=True).ids.dtype == np.int32  # no int64 copy of the ids
     fast = [make()(table) for make in makers]
-    monkeypatch.setattr(C, "_KERNEL", [None])
+    monkeypatch.setattr(M, "compiled_kernels", lambda: None)
     slow = [make()(records) for make in makers]
     for a, b in zip(fast, slow):
         assert set(a) == {"input_ids", "attention_mask", "values", "labels"} == set(b)
@@ -149,7 +174,7 @@ def test_arrow_int32_batch_through_kernels_equals_numpy_path_on_records(pad_to_m
 def test_outputs_carved_from_one_block_are_aligned_and_disjoint():
     dtypes = {"input_ids": np.int64, "attention_mask": np.int64, "values": np.float32, "labels": np.float32}
     for n, length in [(1, 1), (3, 7), (64, 2048)]:
-        out = C._empty_outputs(n, length, dtypes)
+        out = B.empty_outputs(n, length, dtypes)
         assert list(out) == list(dtypes)
         for i, (key, arr) in enumerate(out.items()):
             assert arr.shape == (n, length) and arr.dtype == dtypes[key] and arr.flags.c_contiguous

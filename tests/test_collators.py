@@ -9,16 +9,14 @@ import pytest
 import torch
 
 from hf_scfm.data.collators import (
-    FIRST_GENE_ID,
     DataCollatorForCellClassification,
     DataCollatorForGeneMLM,
     DataCollatorForMaskedExpression,
     DataCollatorForMaskedRegression,
     DataCollatorForNextGene,
     DataCollatorForPerturbation,
-    _choose_exact,
-    _uniforms,
 )
+from hf_scfm.data.masking import FIRST_GENE_ID, choose_exact, uniforms
 from hf_scfm.tokenization.special_tokens import (
     BOS_TOKEN_ID,
     CLS_TOKEN_ID,
@@ -226,7 +224,7 @@ def test_selection_matches_argsort_reference():
     eligible[5, 11] = True
     u = rng.random((9, 37))
     fraction = rng.uniform(0.05, 0.9, size=9)
-    got = _choose_exact(eligible, u, fraction)
+    got = choose_exact(eligible, u, fraction)
     for b in range(9):
         n = int(eligible[b].sum())
         k = expected_k(n, fraction[b])
@@ -235,15 +233,16 @@ def test_selection_matches_argsort_reference():
         ref[order[:k]] = True
         assert np.array_equal(got[b], ref)
     # ties (equal uniforms) still give exactly k positions
-    tied = _choose_exact(np.ones((1, 10), bool), np.full((1, 10), 0.5), np.array([0.3]))
+    tied = choose_exact(np.ones((1, 10), bool), np.full((1, 10), 0.5), np.array([0.3]))
     assert tied.sum() == 3
 
 
 # --------------------------------------------------------------------------- seeding
 def test_random_stream_is_pinned():
     """The counter-based generator is part of the reproducibility promise: its output must not drift."""
-    u = _uniforms(np.array([0, 12345], dtype=np.uint64), 3, seed=7, epoch=0, stream=0)
-    again = _uniforms(np.array([12345], dtype=np.uint64), 3, seed=7, epoch=0, stream=0)
+    positions = np.arange(3)[None, :]
+    u = uniforms(np.array([[0], [12345]], dtype=np.uint64), positions, seed=7, epoch=0, stream=0)
+    again = uniforms(np.array([[12345]], dtype=np.uint64), positions, seed=7, epoch=0, stream=0)
     assert np.array_equal(u[1], again[0])
     assert u.min() >= 0 and u.max() < 1
     np.testing.assert_allclose(u, PINNED_UNIFORMS, rtol=0, atol=1e-15)

@@ -139,7 +139,7 @@ def test_resume_after_kill_gives_identical_shards(corpus, inputs, tokenizer, tmp
 
     The builder runs in a forked child (it inherits the imported package, so it starts at once) whose
     tokenizer step is slowed down so the kill lands mid-build."""
-    import hf_scfm.data.corpus as corpus_module
+    from hf_scfm.data import shards
 
     out, _ = corpus
     target = tmp_path / "killed"
@@ -147,8 +147,8 @@ def test_resume_after_kill_gives_identical_shards(corpus, inputs, tokenizer, tmp
     pid = os.fork()
     if pid == 0:  # the child: build slowly until killed
         try:
-            slow = corpus_module._tokenize_chunk
-            corpus_module._tokenize_chunk = lambda *a, **k: (time.sleep(0.4), slow(*a, **k))[1]
+            slow = shards.tokenize_chunk
+            shards.tokenize_chunk = lambda *a, **k: (time.sleep(0.4), slow(*a, **k))[1]
             build_corpus(inputs[0], tokenizer, target, **BUILD)
         finally:
             os._exit(0)
@@ -203,8 +203,10 @@ def test_one_file_split_over_processes_and_the_unpipelined_padded_path_give_the_
     assert report.shards_written == 3
     assert shard_bytes(tmp_path / "split") == first_source
 
-    monkeypatch.setattr(corpus_module, "PIPELINE_DEPTH", 0)
-    monkeypatch.setattr(corpus_module, "_tokenize_chunk", corpus_module._tokenize_chunk_padded)
+    from hf_scfm.data import shards
+
+    monkeypatch.setattr(shards, "PIPELINE_DEPTH", 0)
+    monkeypatch.setattr(shards, "tokenize_chunk", shards.tokenize_chunk_padded)
     build_corpus(inputs[0][0], tokenizer, tmp_path / "serial", **BUILD)
     assert shard_bytes(tmp_path / "serial") == first_source
 
@@ -257,17 +259,12 @@ def test_parallel_iter_batches_yield_the_serial_cells_and_batches(corpus):
 
 
 def test_command_line_arguments_build_the_same_cells(corpus, inputs, tmp_path):
-    import argparse
-
-    from hf_scfm.data.corpus import add_tokenize_arguments, run_tokenize
+    from hf_scfm.cli import main
 
     out, _ = corpus
-    parser = argparse.ArgumentParser()
-    add_tokenize_arguments(parser)
-    args = parser.parse_args([inputs[0][1], "--tokenizer", os.path.join(out, "tokenizer"), "--out", str(tmp_path / "cli"),
-                              "--shard-size", "64", "--chunk-size", "32", "--max-length", str(MAX_LENGTH),
-                              "--obs-columns", "cell_type", "batch"])
-    assert run_tokenize(args) == 0
+    assert main(["tokenize", inputs[0][1], "--tokenizer", os.path.join(out, "tokenizer"), "--out", str(tmp_path / "cli"),
+                 "--shard-size", "64", "--chunk-size", "32", "--max-length", str(MAX_LENGTH),
+                 "--obs-columns", "cell_type", "batch", "--no-progress"]) == 0
     built = load_corpus(tmp_path / "cli")
     reference = load_corpus(out)
     assert list(built["cell_id"]) == list(reference["cell_id"])[N_A:]

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_scfm.tasks.embedding import embed, gene_embeddings, main
+from hf_scfm.cli import main
+from hf_scfm.tasks.embedding import embed, gene_embeddings
 from hf_scfm.training.families import FAMILIES
 
 from test_pretrain import ENCODING, small_adata, small_tokenizer
@@ -38,8 +39,7 @@ def saved(tmp_path_factory):
 def test_cell_embeddings_match_direct_model_call(saved, name):
     s = saved[name]
     adata = s["adata"].copy()
-    result = embed(s["dir"], adata, batch_size=7, max_length=48, progress=False)  # 3 batches, last one short
-    assert result is adata
+    assert embed(s["dir"], adata, batch_size=7, max_length=48, progress=False) is None  # 3 batches, last one short
     x = adata.obsm[f"X_{name}"]
     assert x.shape == (20, s["model"].config.hidden_size) and x.dtype == np.float32
     # same cells, one direct call (different padding: right padding must not change a cell's embedding)
@@ -49,9 +49,17 @@ def test_cell_embeddings_match_direct_model_call(saved, name):
     np.testing.assert_allclose(x, direct, rtol=0, atol=2e-5)
     assert np.abs(x[0] - x[1]).max() > 1e-3  # different cells, different embeddings (order kept)
     # deterministic, and independent of the batch size
-    again = embed(s["model"], s["adata"].copy(), tokenizer=s["tok"], batch_size=20, max_length=48, progress=False)
+    again = embed(s["model"], s["adata"], tokenizer=s["tok"], batch_size=20, max_length=48, progress=False, copy=True)
     np.testing.assert_allclose(again.obsm[f"X_{name}"], x, rtol=0, atol=2e-5)
+    assert f"X_{name}" not in s["adata"].obsm and again is not s["adata"]  # copy=True leaves the input alone
     assert adata.uns[f"X_{name}_params"]["max_length"] == 48
+    # one pass gives the context gene embeddings too, under a documented key
+    embed(s["model"], adata, tokenizer=s["tok"], batch_size=20, max_length=48, progress=False,
+          gene_embeddings="context")
+    genes = adata.uns[f"X_{name}_gene_embeddings"]
+    alone = gene_embeddings(s["model"], tokenizer=s["tok"], kind="context", adata=adata, batch_size=20, max_length=48,
+                            progress=False)
+    assert genes.equals(alone) and genes.index.name == "gene_id"
 
 
 def test_input_gene_embeddings_are_the_table_rows(saved):
@@ -97,10 +105,11 @@ def test_embed_command_writes_h5ad_umap_and_parquet(saved, tmp_path, capsys):
 
     s = saved["mouse_genemamba"]
     out = tmp_path / "res" / "cells.h5ad"
-    rc = main(["--model", str(s["dir"]), "--query", str(s["h5ad"]), "--out", str(out), "--color", "cell_type",
-               "--gene-embeddings", "context", "--max-length", "48", "--quiet"])
+    rc = main(["embed", "--model", str(s["dir"]), "--query", str(s["h5ad"]), "--out", str(out), "--color", "cell_type",
+               "--gene-embeddings", "context", "--max-length", "48", "--no-progress"])
     assert rc == 0, capsys.readouterr().err
     written = anndata.read_h5ad(out)
+    assert "X_mouse_genemamba_gene_embeddings" not in written.uns  # written to Parquet instead
     assert written.obsm["X_mouse_genemamba"].shape == (20, s["model"].config.hidden_size)
     assert written.obsm["X_mouse_genemamba_umap"].shape == (20, 2)
     png = out.with_name("cells_umap.png")
@@ -109,8 +118,8 @@ def test_embed_command_writes_h5ad_umap_and_parquet(saved, tmp_path, capsys):
     assert genes.index.name == "gene_id" and (genes["count"] >= 1).all()
     assert "cells_umap.png" in capsys.readouterr().out
 
-    rc = main(["--model", str(s["dir"]), "--query", str(s["h5ad"]), "--out", str(tmp_path / "x.h5ad"),
-               "--color", "donor", "--quiet"])
+    rc = main(["embed", "--model", str(s["dir"]), "--query", str(s["h5ad"]), "--out", str(tmp_path / "x.h5ad"),
+               "--color", "donor", "--no-progress"])
     assert rc == 2 and "No obs column 'donor'" in capsys.readouterr().err
 
 

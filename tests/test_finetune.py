@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_scfm.training.families import FAMILIES
-from hf_scfm.training.finetune import add_finetune_arguments, finetune, finetune_command, load_finetuned
+from hf_scfm import cli
+from hf_scfm.training.finetune import finetune, load_finetuned
 from hf_scfm.training.hub import CheckpointError
 
 from test_pretrain import ENCODING, small_adata, small_tokenizer
@@ -38,9 +39,8 @@ def setup(tmp_path_factory):
 
 
 def parse(*argv: str):
-    import argparse
-
-    return add_finetune_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+    """``(FinetuneArguments, FinetuneTrainingArguments)`` of an ``hf-scfm finetune`` command line."""
+    return cli.parse(["finetune", *argv])[1]
 
 
 def ft_args(model: Path, h5ad: Path, out: Path, *extra: str):
@@ -52,7 +52,7 @@ def ft_args(model: Path, h5ad: Path, out: Path, *extra: str):
 def test_lora_changes_only_adapters_and_head_and_merge_is_exact(setup, tmp_path, name):
     model_dir, h5ad = setup[name]
     family = FAMILIES[name]
-    result = finetune(ft_args(model_dir, h5ad, tmp_path / "adapter"))
+    result = finetune(*ft_args(model_dir, h5ad, tmp_path / "adapter"))
     assert set(result["metrics"]) >= {"eval_accuracy", "eval_f1_macro", "eval_precision_macro", "eval_recall_macro"}
     assert 0.0 <= result["metrics"]["eval_accuracy"] <= 1.0
 
@@ -81,7 +81,7 @@ def test_lora_changes_only_adapters_and_head_and_merge_is_exact(setup, tmp_path,
 
     # --merge with the same seed trains the same adapters; the merged model gives the adapter model's outputs
     merged_dir = tmp_path / "merged"
-    finetune(ft_args(model_dir, h5ad, merged_dir, "--merge"))
+    finetune(*ft_args(model_dir, h5ad, merged_dir, "--merge"))
     merged = load_finetuned(merged_dir).eval()
     assert type(merged).__name__ == family.classification_class
     assert json.loads((merged_dir / "config.json").read_text())["label2id"] == label_map["label2id"]
@@ -110,7 +110,7 @@ def test_gene_selection_class_weights_and_pooling(setup, tmp_path):
 
     model_dir, h5ad = setup["mouse_genemamba"]
     out = tmp_path / "clf"
-    finetune(ft_args(model_dir, h5ad, out, "--no-lora", "--n-top-genes", "40", "--class-weight", "balanced",
+    finetune(*ft_args(model_dir, h5ad, out, "--no-lora", "--n-top-genes", "40", "--class-weight", "balanced",
                      "--pooling", "last"))
     tok = GeneTokenizer.from_pretrained(str(out))
     assert len(tok.gene_subset) == 40
@@ -135,7 +135,7 @@ def test_gene_selection_class_weights_and_pooling(setup, tmp_path):
 
     cellfm_dir, cellfm_h5ad = setup["cellfm"]
     with pytest.raises(ValueError, match="--pooling mean: cellfm has no pooling option"):
-        finetune(ft_args(cellfm_dir, cellfm_h5ad, tmp_path / "o", "--pooling", "mean"))
+        finetune(*ft_args(cellfm_dir, cellfm_h5ad, tmp_path / "o", "--pooling", "mean"))
 
 
 def test_bad_checkpoints_fail_clearly(setup, tmp_path, capsys):
@@ -147,7 +147,7 @@ def test_bad_checkpoints_fail_clearly(setup, tmp_path, capsys):
                          intermediate_size=16)).save_pretrained(bert)
     (bert / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match="model_type 'bert', which is not an hf-scfm model family"):
-        finetune(ft_args(bert, h5ad, tmp_path / "o"))
+        finetune(*ft_args(bert, h5ad, tmp_path / "o"))
 
     broken = tmp_path / "broken"
     model_dir, _ = setup["cellfm"]
@@ -157,13 +157,14 @@ def test_bad_checkpoints_fail_clearly(setup, tmp_path, capsys):
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[:1000])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        finetune(ft_args(broken, h5ad, tmp_path / "o"))
+        finetune(*ft_args(broken, h5ad, tmp_path / "o"))
     (broken / "model.safetensors").unlink()
-    assert finetune_command(ft_args(broken, h5ad, tmp_path / "o")) == 2
+    assert cli.main(["finetune", "--model", str(broken), "--train", str(h5ad), "--label-key", "cell_type",
+                     "--out", str(tmp_path / "o")]) == 2
     assert "has config.json but no weights" in capsys.readouterr().err
 
     with pytest.raises(ValueError, match="no obs column 'donor'"):
-        finetune(parse("--model", str(model_dir), "--train", str(h5ad), "--label-key", "donor", "--out",
+        finetune(*parse("--model", str(model_dir), "--train", str(h5ad), "--label-key", "donor", "--out",
                        str(tmp_path / "o")))
 
 
@@ -183,8 +184,8 @@ def test_metrics_match_sklearn():
 
 
 def test_warmup_ratio_and_hvg_flavor_reach_the_trainer_and_the_tokenizer(setup, tmp_path, monkeypatch):
-    """--warmup-ratio R: the Trainer warms the learning rate up over R of the steps (then decays it linearly);
-    --hvg-flavor: the flavour of the --n-top-genes selection."""
+    """--warmup-steps R with R in [0, 1): the Trainer warms the learning rate up over R of the steps (then decays
+    it linearly); --hvg-flavor: the flavour of the --n-top-genes selection."""
     import anndata
     import transformers
 
@@ -201,13 +202,13 @@ def test_warmup_ratio_and_hvg_flavor_reach_the_trainer_and_the_tokenizer(setup, 
     monkeypatch.setattr(transformers.Trainer, "create_scheduler", spy)
     model_dir, h5ad = setup["cellfm"]
     out = tmp_path / "clf"
-    finetune(parse("--model", str(model_dir), "--train", str(h5ad), "--label-key", "cell_type", "--out", str(out),
-                   "--max-steps", "8", "--batch-size", "8", "--max-length", "64", "--no-lora", "--warmup-ratio",
-                   "0.5", "--n-top-genes", "30", "--hvg-flavor", "seurat"))
+    finetune(*parse("--model", str(model_dir), "--train", str(h5ad), "--label-key", "cell_type", "--out", str(out),
+                    "--max-steps", "8", "--batch-size", "8", "--max-length", "64", "--no-lora", "--warmup-steps",
+                    "0.5", "--n-top-genes", "30", "--hvg-flavor", "seurat"))
     assert seen["lrs"][:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
     assert seen["lrs"][5:] == pytest.approx([0.75, 0.5, 0.25])
     expected = GeneTokenizer.from_pretrained(str(model_dir))
     assert expected.select_highly_variable_genes(anndata.read_h5ad(h5ad), 30, flavor="seurat") == \
         GeneTokenizer.from_pretrained(str(out)).gene_subset
-    finetune(ft_args(model_dir, h5ad, tmp_path / "default", "--no-lora"))
+    finetune(*ft_args(model_dir, h5ad, tmp_path / "default", "--no-lora"))
     assert seen["lrs"][0] == pytest.approx(1.0)  # no warm-up by default

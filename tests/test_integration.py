@@ -1,5 +1,6 @@
-"""Integration metrics and adversarial batch removal (hf_scfm.tasks.integration): metric values on hand-built
-embeddings, the gradient-reversal layer's exact gradient, and batch removal during fine-tuning on real cells."""
+"""Integration metrics (hf_scfm.tasks.integration) and adversarial batch removal (hf_scfm.training.adversarial):
+metric values on hand-built embeddings, the gradient-reversal layer's exact gradient, and batch removal during
+fine-tuning on real cells."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from hf_scfm.tasks.integration import (AdversarialBatchClassifier, batch_asw, grad_reverse, integration_metrics,
-                                       nmi_ari)
+from hf_scfm.tasks.integration import batch_asw, integration_metrics, nmi_ari
+from hf_scfm.training.adversarial import AdversarialBatchClassifier, grad_reverse
 
 
 def blobs(offset_batch: float, seed: int = 0, n: int = 40):
@@ -93,7 +94,7 @@ def test_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
     (y * w).sum().backward()
     assert torch.equal(x.grad, -0.37 * w)
     # through the discriminator: the encoder's gradient is exactly -lambda x the plain gradient
-    from hf_scfm.tasks.integration import BatchDiscriminator
+    from hf_scfm.training.adversarial import BatchDiscriminator
 
     disc = BatchDiscriminator(7, 3, lambd=2.5).double()
     labels = torch.tensor([0, 1, 2, 1, 0])
@@ -188,15 +189,14 @@ def donors(tmp_path_factory):
 
 
 def _finetune(root, out, *extra):
-    import argparse
+    from hf_scfm.cli import parse
+    from hf_scfm.training.finetune import finetune
 
-    from hf_scfm.training.finetune import add_finetune_arguments, finetune
-
-    args = add_finetune_arguments(argparse.ArgumentParser()).parse_args([
-        "--model", str(root / "base"), "--train", str(root / "cells.h5ad"), "--label-key", "cell_type",
+    _, args = parse([
+        "finetune", "--model", str(root / "base"), "--train", str(root / "cells.h5ad"), "--label-key", "cell_type",
         "--out", str(out), "--max-steps", "60", "--batch-size", "16", "--max-length", "64", "--no-lora",
         "--learning-rate", "3e-4", "--seed", "0", *extra])
-    return finetune(args)
+    return finetune(*args)
 
 
 def _batch_predictability(folder, h5ad):

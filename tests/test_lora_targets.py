@@ -9,10 +9,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoModelForSequenceClassification
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-import hf_scfm  # noqa: F401
-import hf_scfm.modeling.cellfm  # noqa: F401  (importing a family registers it)
-import hf_scfm.modeling.mouse_genemamba  # noqa: F401
-import hf_scfm.modeling.scmamba2  # noqa: F401
+import hf_scfm  # noqa: F401  (registers the families with the Auto classes)
 from hf_scfm.modeling.lora import DEFAULT_LORA_TARGETS, default_lora_targets
 from hf_scfm.tokenization.special_tokens import BOS_TOKEN_ID, CLS_TOKEN_ID
 

@@ -146,3 +146,63 @@ def test_cards_render_from_real_family_configs():
         card = render_model_card(config)
         assert f"| `hidden_size` | {config.hidden_size} |" in card.text
         assert _front_matter(str(card))["tags"][:4] == ["single-cell", "scRNA-seq", "biology", "hf-scfm"]
+
+
+# ----------------------------------------------------------------------------- repo ids, URLs, real runs
+def test_snippet_repo_ids_are_valid_or_an_explicit_placeholder():
+    from huggingface_hub.utils import validate_repo_id
+
+    cfg = {"model_type": "scmamba2", "vocab_size": 10}
+    for kwargs, expected in (({}, "your-org/scmamba2"), ({"task": "annotate"}, "your-org/scmamba2-annotate"),
+                             ({"repo_id": "lab/scm"}, "lab/scm"), ({"repo_id": "scm"}, "your-org/scm")):
+        text = render_model_card(cfg, **kwargs).text
+        assert f'from_pretrained("{expected}")' in text, kwargs
+        validate_repo_id(expected)
+    with pytest.raises(ValueError, match="not a valid Hub repo id"):
+        render_model_card(cfg, repo_id="SC-MAMBA2 (annotate)")
+    remote = render_model_card({**cfg, "auto_map": {"AutoModel": "modeling_scmamba2.ScMamba2Model"}}).text
+    assert 'from_pretrained("your-org/scmamba2", trust_remote_code=True)' in remote and "import hf_scfm" not in remote
+
+
+@pytest.mark.slow
+def test_cards_from_real_pretraining_and_finetuning_runs(tmp_path):
+    """A tiny pretraining run and a full fine-tuning run on Baron human cells: the cards they write carry the
+    measured results in model-index, valid repo ids, no URL, and the training data with its licence."""
+    from test_finetune import ft_args
+    from test_pretrain import run, small_adata, small_corpus
+
+    from hf_scfm.training.finetune import finetune
+
+    def check(card_path, repo_id):
+        text = card_path.read_text()
+        assert "://" not in text  # no URL at all: the project has none of its own
+        assert f'from_pretrained("{repo_id}"' in text
+        assert "Baron et al. 2016 (GSE84133), via the came==0.1.13 wheel sample_data.zip (MIT)" in text
+        return _front_matter(text), text
+
+    corpus = small_corpus(tmp_path / "corpus", "cellfm")
+    summary = run("cellfm", corpus, tmp_path / "pretrained")
+    meta, text = check(tmp_path / "pretrained" / "README.md", "your-org/cellfm")
+    (result,) = meta["model-index"][0]["results"]
+    assert result["metrics"][0]["value"] == pytest.approx(summary["eval_loss"])
+    assert "source and licence" in text and "adata-0: Baron et al. 2016" in text
+
+    h5ad = tmp_path / "train.h5ad"
+    small_adata("human", n_cells=48).write_h5ad(h5ad)
+    run_result = finetune(*ft_args(tmp_path / "pretrained", h5ad, tmp_path / "clf", "--no-lora"))
+    meta, text = check(tmp_path / "clf" / "README.md", "your-org/cellfm-annotate")
+    got = {m["type"]: m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]}
+    want = {k.removeprefix("eval_"): v for k, v in run_result["metrics"].items()
+            if k in ("eval_accuracy", "eval_f1_macro", "eval_precision_macro", "eval_recall_macro")}
+    assert got == pytest.approx(want) and len(want) == 4
+    assert "train.h5ad: Baron et al. 2016" in text
+
+
+def test_data_without_a_recorded_source_says_so(tmp_path):
+    import anndata as ad
+    import numpy as np
+
+    path = tmp_path / "mine.h5ad"
+    ad.AnnData(np.ones((2, 2), np.float32)).write_h5ad(path)
+    text = render_model_card({"model_type": "cellfm"}, task="annotate", training_data={"reference": str(path)}).text
+    assert "mine.h5ad: not recorded in the data (uns['source'])" in text

@@ -92,6 +92,7 @@ def test_public_api_and_auto_classes():
         "MouseGeneMambaForCausalLM",
         "MouseGeneMambaForMaskedLM",
         "MouseGeneMambaForSequenceClassification",
+        "MouseGeneMambaForPerturbationPrediction",
     ):
         assert hasattr(hf_scfm, name), name
     cfg = tiny()
@@ -585,3 +586,24 @@ def test_cell_type_classifier_fits_64_real_cells(mouse_batch):
     with torch.no_grad():
         acc = (m(**batch).logits.argmax(-1) == labels).float().mean().item()
     assert acc >= 0.95, acc
+
+
+def test_rmsnorm_is_the_formula_in_float64_and_one_norm_for_both_mamba_families():
+    """float64 stays float64 (was computed in float32: ~1e-7 off), half precision is normalised in float32 and the
+    weight multiplies in the input dtype; SC-MAMBA2's RMSNorm is the same code (a checked copy)."""
+    from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba import MouseGeneMambaRMSNorm
+    from hf_scfm.modeling.scmamba2.modeling_scmamba2 import ScMamba2RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 17, generator=g, dtype=torch.float64) * 3
+    for cls in (MouseGeneMambaRMSNorm, ScMamba2RMSNorm):
+        norm = cls(17, eps=1e-5).double()
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(17, generator=g, dtype=torch.float64) + 0.5)
+        expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+        torch.testing.assert_close(norm(x), expected, rtol=1e-13, atol=1e-13)
+        half = cls(17).to(torch.bfloat16)
+        out = half(x.to(torch.bfloat16))
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)),
+                                   rtol=1e-2, atol=1e-2)

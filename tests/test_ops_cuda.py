@@ -5,16 +5,14 @@ Skipped unless a CUDA device and the kernels are present (``pip install hf-scfm[
 import pytest
 import torch
 
-from hf_scfm.modeling.ops import (
-    causal_conv1d,
-    kernel_available,
+from hf_scfm.modeling.mouse_genemamba.conv import causal_conv1d
+from hf_scfm.modeling.mouse_genemamba.dispatch import kernel_available
+from hf_scfm.modeling.mouse_genemamba.selective_scan import (
     selective_scan,
     selective_scan_reference,
     selective_state_update,
-    ssd_reference,
-    ssd_scan,
-    ssd_step,
 )
+from hf_scfm.modeling.scmamba2.ssd import ssd_reference, ssd_scan, ssd_step
 
 pytestmark = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_scfm.modeling.ops import linear_retention, linear_retention_reference
+from hf_scfm.modeling.cellfm.retention import linear_retention, linear_retention_reference
 
 F64 = torch.float64
 

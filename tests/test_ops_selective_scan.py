@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_scfm.modeling.ops import (
-    causal_conv1d,
-    causal_conv1d_update,
+from hf_scfm.modeling.mouse_genemamba.conv import causal_conv1d, causal_conv1d_update
+from hf_scfm.modeling.mouse_genemamba.selective_scan import (
     selective_scan,
     selective_scan_reference,
     selective_state_update,
@@ -207,22 +206,25 @@ class _RecordKernelImports(importlib.abc.MetaPathFinder):
 
 
 def test_kernels_are_never_imported_at_import_or_for_cpu_tensors():
-    import hf_scfm.modeling.ops as ops
-    from hf_scfm.modeling.ops import conv, dispatch, retention, ssd
-    scan_module = importlib.import_module("hf_scfm.modeling.ops.selective_scan")
+    names = ["mouse_genemamba.dispatch", "mouse_genemamba.conv", "mouse_genemamba.selective_scan",
+             "scmamba2.dispatch", "scmamba2.conv", "scmamba2.ssd", "cellfm.retention"]
+    modules = [importlib.import_module(f"hf_scfm.modeling.{name}") for name in names]
 
     finder = _RecordKernelImports()
     sys.meta_path.insert(0, finder)
     try:
-        for module in (dispatch, conv, scan_module, ssd, retention, ops):
+        for module in modules:
             importlib.reload(module)
         assert finder.attempts == []
+        dispatch, conv, scan_module = modules[:3]
         x = make_inputs()
-        ops.selective_scan(**x)  # backend="auto" with CPU tensors: no kernel lookup
-        ops.causal_conv1d(x["u"], torch.randn(6, 4, dtype=F64))
+        scan_module.selective_scan(**x)  # backend="auto" with CPU tensors: no kernel lookup
+        conv.causal_conv1d(x["u"], torch.randn(6, 4, dtype=F64))
         assert finder.attempts == []
-        assert not ops.kernel_available("selective_scan")  # a lookup, blocked -> False, no crash
+        assert not dispatch.kernel_available("selective_scan")  # a lookup, blocked -> False, no crash
         assert finder.attempts == ["mamba_ssm"]
     finally:
         sys.meta_path.remove(finder)
-        dispatch._load.cache_clear()
+        for module in modules:
+            if hasattr(module, "_load"):
+                module._load.cache_clear()

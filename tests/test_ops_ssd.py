@@ -4,8 +4,7 @@ float64 (odd lengths, lengths not a multiple of the chunk, groups, initial state
 import pytest
 import torch
 
-from hf_scfm.modeling.ops import ssd_reference, ssd_scan, ssd_step
-from hf_scfm.modeling.ops.ssd import segsum
+from hf_scfm.modeling.scmamba2.ssd import segsum, ssd_reference, ssd_scan, ssd_step
 
 F64 = torch.float64
 

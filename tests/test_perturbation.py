@@ -1,7 +1,9 @@
-"""Perturbation prediction (hf_scfm.tasks.perturbation) on data simulated from a known GRN: the layout is read and
-checked, the split holds out unseen singles and doubles, pairs and flags are right, every family fine-tunes
-through ``hf-scfm perturb`` to a Pearson delta well above the baselines, the saved model reloads to the same
-predictions, and reverse perturbation finds the true perturbation of easy targets."""
+"""Perturbation prediction (hf_scfm.tasks.perturbation, .perturbation_data, .reverse_perturbation) on data
+simulated from a known GRN: the layout is read and checked, the split holds out unseen singles and doubles, pairs and
+flags are right, every family's ``<Family>ForPerturbationPrediction`` fine-tunes through ``hf-scfm perturb`` to a
+Pearson delta well above the baselines, the saved model reloads (a plain checkpoint) to the same predictions,
+predictions follow scanpy's AnnData convention, and reverse perturbation finds the true perturbation of easy
+targets."""
 
 from __future__ import annotations
 
@@ -11,9 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from hf_scfm import cli
 from hf_scfm.data import DataCollatorForPerturbation
 from hf_scfm.tasks import perturbation as P
 from hf_scfm.tasks.grn_simulation import simulate_perturb_seq
+from hf_scfm.tasks.inference import load_model_and_tokenizer
+from hf_scfm.tasks.perturbation_data import perturbation_sentences
+from hf_scfm.tasks.reverse_perturbation import reverse_perturbation
 from hf_scfm.tokenization import GeneTokenizer
 from hf_scfm.training.families import FAMILIES
 
@@ -167,32 +173,39 @@ def test_pairs_and_flags(data):
         np.testing.assert_allclose(batch["labels"][row, 1:].numpy(), rec["target_values"][1:])
 
 
-@pytest.mark.parametrize("family", ["cellfm", "mouse_genemamba"])
-def test_shared_head_hook_is_inert_outside_and_flags_reach_every_gene(family):
+@pytest.mark.parametrize("family", ["scmamba2", "cellfm", "mouse_genemamba"])
+def test_perturbation_head_keeps_the_backbone_and_flags_reach_every_gene(family):
     adata = simulate(SPECIES[family], n_genes=20, n_perturbed_genes=3, n_doubles=1, n_control_cells=8,
                      cells_per_condition=4)
     tok = tokenizer_for(adata, family)
     base = tiny_model(family, tok).eval()
     model = P.build_perturbation_model(base, value_scale=0.2).eval()
-    assert isinstance(model, P.PerturbationModel)
+    assert type(model).__name__ == FAMILIES[family].perturbation_class
+    assert getattr(model.config, FAMILIES[family].perturbation_scale_key) == 0.2
+    backbone = getattr(base, base.base_model_prefix)
+    for name, tensor in getattr(model, model.base_model_prefix).state_dict().items():
+        assert torch.equal(tensor, backbone.state_dict()[name]), name
+    flag_rows = model.perturbation_embedding.weight
+    assert (flag_rows[0] == 0).all() and flag_rows[1].abs().sum() > 0  # row 0 inert, row 1 at the tokens' scale
     data = P.read_perturbation_data(adata, tok)
     cond = data.conditions[0]
-    ids, values, flags, _ = P._sentences(data, data.control_rows[:3], data.genes_of[cond], *P._special_ids(tok))
+    ids, values, flags, _ = perturbation_sentences(data, tok, data.control_rows[:3], data.genes_of[cond])
     ids, values, flags = (torch.as_tensor(np.ascontiguousarray(x)) for x in (ids, values, flags))
     with torch.no_grad():
-        before = model.backbone(input_ids=ids, values=values).last_hidden_state
-        with_flags = model(input_ids=ids, values=values, perturbation_flags=flags).predictions
-        without = model(input_ids=ids, values=values).predictions
-        after = model.backbone(input_ids=ids, values=values).last_hidden_state
-    torch.testing.assert_close(before, after)  # the hook only acts inside the wrapper's forward
+        plain = getattr(model, model.base_model_prefix)(input_ids=ids, values=values).last_hidden_state
+        with_flags = model(input_ids=ids, values=values, perturbation_flags=flags)
+        without = model(input_ids=ids, values=values)
+    torch.testing.assert_close(without.last_hidden_state, plain, rtol=0, atol=0)  # no flag: row 0 adds nothing
     n_pre = len(tok.prefix_tokens)
-    changed = (with_flags - without).abs()[:, n_pre:ids.shape[1] - len(tok.suffix_tokens)]
+    changed = (with_flags.predictions - without.predictions).abs()[:, n_pre:ids.shape[1] - len(tok.suffix_tokens)]
     # the perturbed gene sits first, so even a causal backbone carries the flag to the genes after it (at random
-    # init a Mamba state fades along the sentence; the bidirectional-attention CellFM reaches every gene)
+    # init a Mamba state fades along the sentence, in both directions; CellFM's linear attention reaches every gene)
     assert (changed[:, :4] > 1e-6).all()
     if family == "cellfm":
-        assert (changed > 1e-6).all()
-    assert (with_flags[:, :n_pre] == 0).all()
+        assert (changed > 0).all()
+    assert (with_flags.predictions[:, :n_pre] == 0).all()
+    with pytest.raises(ValueError, match="perturbation_flags must be 0"):
+        model(input_ids=ids, values=values, perturbation_flags=flags * 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,9 +222,9 @@ def run(request, tmp_path_factory):
     tiny_model(family, tok).save_pretrained(root / "pretrained")
     tok.save_pretrained(root / "pretrained")
     adata.write_h5ad(root / "pert.h5ad")
-    rc = P.main(["--model", str(root / "pretrained"), "--data", str(root / "pert.h5ad"), "--out", str(root / "out"),
-                 "--max-steps", "60", "--learning-rate", "2e-3", "--n-control-cells", "48",
-                 "--reverse-candidates", "3"])
+    rc = cli.main(["perturb", "--model", str(root / "pretrained"), "--data", str(root / "pert.h5ad"),
+                   "--out", str(root / "out"), "--max-steps", "60", "--learning-rate", "2e-3",
+                   "--n-control-cells", "48", "--reverse-candidates", "3"])
     assert rc == 0
     return family, root, json.loads((root / "out" / "metrics.json").read_text())
 
@@ -236,16 +249,15 @@ def test_finetuned_model_beats_the_baselines(run):
 
 def test_seen_conditions_and_reload(run):
     family, root, _ = run
-    model, tok = P.load_perturbation_model(root / "out" / "model", device="cpu")
-    expected = "ScMamba2ForPerturbationPrediction" if family == "scmamba2" else "PerturbationModel"
-    assert type(model).__name__ == expected
+    model, tok = load_model_and_tokenizer(root / "out" / "model", device="cpu")  # a plain checkpoint
+    assert type(model).__name__ == FAMILIES[family].perturbation_class
     data = P.read_perturbation_data(root / "pert.h5ad", tok)
     split = P.split_conditions(data.conditions, seed=0)
     # reloaded weights give the predictions the command wrote
     import pandas as pd
 
     written = pd.read_csv(root / "out" / "predicted_profiles.csv", index_col=0).iloc[:2]
-    again = P.predict_perturbation(model, tok, data, list(written.index), n_control_cells=48, seed=0)
+    again = P.predict_perturbation(model, tok, data, list(written.index), n_control_cells=48, seed=0, inplace=False)
     np.testing.assert_allclose(again.to_numpy(), written.to_numpy(), rtol=1e-4, atol=1e-4)
     # seen singles: the conditions it trained on
     singles = [c for c in split["train"] if split["group"][c] == "single_seen"]
@@ -261,13 +273,13 @@ def test_seen_conditions_and_reload(run):
 
 def test_reverse_perturbation_finds_easy_targets(run):
     family, root, metrics = run
-    model, tok = P.load_perturbation_model(root / "out" / "model", device="cpu")
+    model, tok = load_model_and_tokenizer(root / "out" / "model", device="cpu")
     data = P.read_perturbation_data(root / "pert.h5ad", tok)
     split = P.split_conditions(data.conditions, seed=0)
     targets = [c for c in split["train"] if split["group"][c] == "single_seen"]
     candidates = [data.gene_labels(c)[0] for c in data.conditions if len(data.genes_of[c]) == 1][:6]
     targets = [t for t in targets if P.parse_condition(t)[0] in candidates]
-    result = P.reverse_perturbation(model, tok, data, candidates, targets, top_k=(1, 3, 5), n_control_cells=32)
+    result = reverse_perturbation(model, tok, data, candidates, targets, top_k=(1, 3, 5), n_control_cells=32)
     n_combos = len(candidates) + len(candidates) * (len(candidates) - 1) // 2
     assert len(result.ranking) == n_combos * len(targets)
     assert set(result.true_rank) == set(targets) and all(r is not None for r in result.true_rank.values())
@@ -278,6 +290,11 @@ def test_reverse_perturbation_finds_easy_targets(run):
         assert len(metrics["reverse"]["candidates"]) == 3 and set(metrics["reverse"]["hit_rate"]) == {"1", "5", "10"}
 
 
+def test_the_python_api_takes_the_command_lines_dataclass(tmp_path):
+    func, (args,) = cli.parse(["perturb", "--model", "m", "--data", "d.h5ad", "--out", "o", "--max-steps", "7"])
+    assert func is P.perturb and args == P.PerturbArguments(model="m", data="d.h5ad", out="o", max_steps=7)
+
+
 def test_command_errors_are_one_line(tmp_path, sim, capsys):
     tok = tokenizer_for(sim, "cellfm")
     tiny_model("cellfm", tok).save_pretrained(tmp_path / "m")
@@ -285,11 +302,31 @@ def test_command_errors_are_one_line(tmp_path, sim, capsys):
     bad = sim.copy()
     del bad.obs["condition"]
     bad.write_h5ad(tmp_path / "bad.h5ad")
-    rc = P.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "bad.h5ad"), "--out", str(tmp_path / "o")])
+    rc = cli.main(["perturb", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "bad.h5ad"),
+                   "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "hf-scfm perturb: error: The perturbation data has no obs column 'condition'" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="perturbation_config.json"):
-        P.load_perturbation_model(tmp_path / "m")
+
+
+def test_predictions_follow_the_anndata_convention(run):
+    """inplace=True writes varm/uns and returns None; copy=True returns a new AnnData and leaves the input alone;
+    inplace=False returns the table and writes nothing."""
+    import anndata as ad
+
+    family, root, _ = run
+    model, tok = load_model_and_tokenizer(root / "out" / "model", device="cpu")
+    adata = ad.read_h5ad(root / "pert.h5ad")
+    conditions = [c for c in P.read_perturbation_data(adata, tok).conditions[:2]] + ["ctrl"]
+    table = P.predict_perturbation(model, tok, adata, conditions, n_control_cells=16, inplace=False)
+    assert list(table.index) == conditions and "perturbation_prediction" not in adata.varm
+    copied = P.predict_perturbation(model, tok, adata, conditions, n_control_cells=16, copy=True)
+    assert copied is not adata and "perturbation_prediction" not in adata.varm
+    assert P.predict_perturbation(model, tok, adata, conditions, n_control_cells=16) is None
+    for written in (adata, copied):
+        frame = written.varm["perturbation_prediction"]
+        assert list(frame.columns) == conditions and list(frame.index) == list(adata.var_names)
+        np.testing.assert_allclose(frame.loc[table.columns].to_numpy().T, table.to_numpy())
+        assert written.uns["perturbation_prediction"]["conditions"] == conditions
 
 
 def test_metrics_are_pinned_to_numpy():

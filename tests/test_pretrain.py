@@ -21,7 +21,8 @@ import yaml
 from safetensors.torch import load_file
 
 from hf_scfm.training.families import FAMILIES
-from hf_scfm.training.pretrain import ResumeError, build_pretrain_parser, pretrain
+from hf_scfm.cli import parse
+from hf_scfm.training.pretrain import ResumeError, pretrain
 
 ENCODING = {"mouse_genemamba": ("mouse", "rank"), "scmamba2": ("human", "binned"), "cellfm": ("human", "continuous")}
 
@@ -82,7 +83,8 @@ def run_args(family: str, corpus: Path, out: Path, *extra: str) -> list[str]:
 
 
 def run(family, corpus, out, *extra):
-    return pretrain(build_pretrain_parser().parse_args(run_args(family, corpus, out, *extra)))
+    _, (args,) = parse(["pretrain", *run_args(family, corpus, out, *extra)])
+    return pretrain(args)
 
 
 def assert_same_weights(a: Path, b: Path):
@@ -117,12 +119,12 @@ def test_stop_then_resume_gives_the_uninterrupted_weights(corpora, tmp_path):
 
 
 def test_real_kill_then_resume_gives_the_uninterrupted_weights(corpora, tmp_path):
-    """Mouse-GeneMamba: a subprocess (``python -m hf_scfm.training.pretrain``) is SIGKILLed after its step-3
+    """Mouse-GeneMamba: a subprocess (``python -m hf_scfm.cli pretrain``) is SIGKILLed after its step-3
     checkpoint, mid-run with no clean shutdown; ``--resume`` must then reproduce the uninterrupted run."""
     family, corpus = "mouse_genemamba", corpora["mouse_genemamba"]
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hf_scfm.training.pretrain", *run_args(family, corpus, out, "--hang-after-steps", "3")],
+        [sys.executable, "-m", "hf_scfm.cli", "pretrain", *run_args(family, corpus, out, "--hang-after-steps", "3")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:

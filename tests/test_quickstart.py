@@ -6,7 +6,6 @@ a few steps and 32 tokens per cell exercise the same code path end to end.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -24,12 +23,12 @@ def no_stream_shutdown_sleep(monkeypatch):
 def test_quickstart_small_budget_writes_everything(tmp_path, one_thread, capsys):
     import anndata
 
-    from hf_scfm.quickstart import run_quickstart
+    from hf_scfm.quickstart import QuickstartArguments, quickstart
     from hf_scfm.tasks.annotation import PREDICTION_KEY, PROBABILITIES_KEY
 
     out = tmp_path / "qs"
-    result = run_quickstart(out_dir=out, max_cells=300, pretrain_steps=3, finetune_steps=6, max_length=32,
-                            batch_size=8, progress=False)
+    result = quickstart(QuickstartArguments(out=str(out), max_cells=300, pretrain_steps=3, finetune_steps=6,
+                                            max_length=32, batch_size=8, progress=False))
     printed = capsys.readouterr().out
     assert result["model"] == "cellfm" and result["dataset"] == "baron_human"
     assert "held-out donor human4" in result["split"]
@@ -90,16 +89,19 @@ def test_splits_hold_out_a_donor_or_a_stratified_fraction():
 
 
 def test_quickstart_arguments():
-    from hf_scfm.quickstart import add_quickstart_arguments
+    from hf_scfm.cli import parse
+    from hf_scfm.quickstart import QuickstartArguments, quickstart
 
-    parser = add_quickstart_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([])
+    function, (args,) = parse(["quickstart"])
+    assert function is quickstart and args == QuickstartArguments()
     assert (args.model, args.out, args.dataset, args.max_length) == ("cellfm", "quickstart_out", None, None)
     assert (args.pretrain_steps, args.finetune_steps, args.n_top_genes) == (None, None, -1)  # the recipe's
-    args = parser.parse_args(["--model", "mouse_genemamba", "--out", "x", "--dataset", "pbmc68k"])
+    _, (args,) = parse(["quickstart", "--model", "mouse_genemamba", "--out", "x", "--dataset", "pbmc68k"])
     assert (args.model, args.out, args.dataset) == ("mouse_genemamba", "x", "pbmc68k")
     with pytest.raises(SystemExit):
-        parser.parse_args(["--model", "bert"])
+        parse(["quickstart", "--model", "bert"])
+    with pytest.raises(ValueError, match="'bert' is not a model family"):
+        QuickstartArguments(model="bert")
 
 
 def test_build_tokenizer_vocabulary_is_the_selected_genes():

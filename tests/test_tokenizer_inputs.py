@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from hf_scfm.data.anndata_io import iter_count_chunks, read_h5ad, validate_counts
+from hf_scfm.tokenization.anndata_io import iter_count_chunks, read_h5ad, validate_counts
 from hf_scfm.tokenization import GeneTokenizer
 
 GENES = ["ENSG00000141510", "ENSG00000111640", "ENSG00000075624", "ENSG00000000003", "ENSG00000000005"]

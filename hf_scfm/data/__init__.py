@@ -1,5 +1,6 @@
-"""Reading AnnData, the bundled example datasets, corpora and collators."""
+"""Reading AnnData, the bundled example datasets, corpora (build, load, stream) and collators."""
 
+from . import collators
 from .collators import (
     DataCollatorForCellClassification,
     DataCollatorForGeneMLM,
@@ -11,15 +12,14 @@ from .collators import (
 from .corpus import CorpusBuildReport, build_corpus
 from .examples import EXAMPLES, example_path, load_example
 from .loading import (
-    CollatedBatches,
     CorpusFormatError,
     LengthGroupedBatchSampler,
-    iter_batches,
     length_grouping_arguments,
     load_corpus,
     split_by_column,
     split_by_node,
 )
+from .streaming import CollatedBatches, iter_batches
 
 __all__ = [
     "EXAMPLES",
@@ -35,10 +35,5 @@ __all__ = [
     "split_by_node",
     "LengthGroupedBatchSampler",
     "length_grouping_arguments",
-    "DataCollatorForNextGene",
-    "DataCollatorForGeneMLM",
-    "DataCollatorForMaskedExpression",
-    "DataCollatorForMaskedRegression",
-    "DataCollatorForCellClassification",
-    "DataCollatorForPerturbation",
+    *collators.__all__,
 ]

@@ -1,4 +1,10 @@
-"""Pieces every model family's configuration shares: named presets and the tokenizer check."""
+"""Pieces every model family's configuration shares: named presets and the tokenizer check.
+
+:class:`PresetMixin` is the original of the copy each ``configuration_<family>.py`` carries (marked
+``# Copied from hf_scfm.modeling.configuration_utils.PresetMixin``, kept equal by ``utils/check_copies.py``): a family
+folder ships as remote code and imports nothing outside itself. :func:`check_tokenizer_matches` is used where a
+model meets a tokenizer (training, tasks) and does not travel with checkpoints.
+"""
 
 from __future__ import annotations
 

@@ -26,24 +26,26 @@ Choices, and why:
   was fine-tuned on selected genes), so the error names the species of the model and the usual fixes (gene
   symbols vs Ensembl IDs, other species) instead of failing inside a batch.
 * **Non-count input** (log-normalised, scaled, negative, NaN, empty cells) is refused by the tokenizer with
-  the message of :func:`hf_scfm.data.anndata_io.validate_counts`; nothing is re-implemented here.
-* The input AnnData is not modified: a copy carries the annotations (the expression matrix is shared data
-  copied once; what a user writes to ``--out`` is exactly the query plus the new fields).
+  the message of :func:`hf_scfm.tokenization.anndata_io.validate_counts`; nothing is re-implemented here.
+* **scanpy's convention**, as every task here: :func:`annotate` writes into the AnnData it is given and returns
+  ``None``, or with ``copy=True`` writes into a copy and returns it (an ``.h5ad`` path is read into a new
+  AnnData, which is returned). ``hf-scfm annotate`` (:func:`annotate_h5ad`, :class:`AnnotateArguments`) writes the
+  query plus the new fields to ``--out``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "annotate", "score_predictions", "confusion_counts", "plot_confusion_matrix", "check_label_key",
-    "add_annotate_arguments", "add_annotate_parser", "annotate_command", "main", "PREDICTION_KEY", "CONFIDENCE_KEY", "PROBABILITIES_KEY", "CLASSES_KEY", "METRICS_KEY",
+    "AnnotateArguments", "annotate_h5ad", "PREDICTION_KEY", "CONFIDENCE_KEY", "PROBABILITIES_KEY", "CLASSES_KEY",
+    "METRICS_KEY",
 ]
 
 PREDICTION_KEY = "predicted_cell_type"
@@ -101,8 +103,11 @@ def score_predictions(predictions: Sequence, labels: Sequence, known_classes: Se
 
 
 def annotate(model, query, *, label_key: str | None = None, batch_size: int = 64, max_length: int | None = None,
-             out_png: str | Path | None = None, device: str | None = None, progress: bool = True):
-    """Annotate the cells of ``query`` with a fine-tuned classifier; return an annotated copy.
+             out_png: str | Path | None = None, device: str | None = None, layer: str | None = None,
+             progress: bool = True, copy: bool = False):
+    """Annotate the cells of ``query`` with a fine-tuned classifier, scanpy-style: the results go into the AnnData
+    under the keys of the module docstring and ``None`` is returned, or with ``copy=True`` into a copy, which is
+    returned (``query`` untouched). An ``.h5ad`` path is read into a new AnnData, which is returned.
 
     Args:
         model: a folder / Hub repo written by ``hf-scfm finetune`` (adapter, merged or full), or an already
@@ -115,14 +120,16 @@ def annotate(model, query, *, label_key: str | None = None, batch_size: int = 64
         max_length: tokens per cell (default: the tokenizer's, as in fine-tuning).
         out_png: with ``label_key``, where to write the row-normalised confusion matrix (PNG).
         device: ``"cpu"``/``"cuda"`` (default: CUDA when available).
+        layer: read the counts from ``adata.layers[layer]`` instead of ``X``.
         progress: show a tqdm bar.
+        copy: write into a copy of ``query`` and return it.
     """
     import numpy as np
     import pandas as pd
 
-    from .inference import iter_model_outputs, load_model_and_tokenizer, read_cells
+    from .inference import iter_model_outputs, load_model_and_tokenizer, result_target
 
-    adata = read_cells(query)
+    adata, returned = result_target(query, copy)
     if label_key is not None:
         check_label_key(adata, label_key)
     if isinstance(model, (tuple, list)):
@@ -135,24 +142,23 @@ def annotate(model, query, *, label_key: str | None = None, batch_size: int = 64
 
     chunks = []
     for _, _, outputs in iter_model_outputs(net, tokenizer, adata, batch_size=batch_size, max_length=max_length,
-                                            progress=progress, desc="annotate"):
+                                            layer=layer, progress=progress, desc="annotate"):
         chunks.append(outputs.logits.detach().double().softmax(-1).cpu().numpy())
     probs = np.concatenate(chunks)
     if probs.shape[1] != len(classes):
         raise ValueError(f"The model outputs {probs.shape[1]} classes but its config names {len(classes)}.")
-    out = adata.copy()
     best = probs.argmax(1)
-    out.obs[PREDICTION_KEY] = pd.Categorical.from_codes(best, categories=classes)
-    out.obs[CONFIDENCE_KEY] = probs.max(1).astype(np.float32)
-    out.obsm[PROBABILITIES_KEY] = probs.astype(np.float32)
-    out.uns[CLASSES_KEY] = np.asarray(classes, dtype=object)
+    adata.obs[PREDICTION_KEY] = pd.Categorical.from_codes(best, categories=classes)
+    adata.obs[CONFIDENCE_KEY] = probs.max(1).astype(np.float32)
+    adata.obsm[PROBABILITIES_KEY] = probs.astype(np.float32)
+    adata.uns[CLASSES_KEY] = np.asarray(classes, dtype=object)
     if label_key is not None:
-        metrics = score_predictions(out.obs[PREDICTION_KEY], adata.obs[label_key], classes, source="the query")
-        out.uns[METRICS_KEY] = metrics
+        metrics = score_predictions(adata.obs[PREDICTION_KEY], adata.obs[label_key], classes, source="the query")
+        adata.uns[METRICS_KEY] = metrics
         if out_png is not None:
-            plot_confusion_matrix(out.obs[PREDICTION_KEY], adata.obs[label_key], classes, out_png,
+            plot_confusion_matrix(adata.obs[PREDICTION_KEY], adata.obs[label_key], classes, out_png,
                                   title=_plot_title(metrics))
-    return out
+    return adata if returned else None
 
 
 def _plot_title(metrics: dict) -> str:
@@ -231,45 +237,35 @@ def confusion_png_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}_confusion.png")
 
 
-def add_annotate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="classifier from hf-scfm finetune")
-    parser.add_argument("--query", required=True, metavar="H5AD", help="cells to annotate (raw counts)")
-    parser.add_argument("--out", required=True, metavar="H5AD", help="annotated copy of the query")
-    parser.add_argument("--label-key", default=None, metavar="KEY",
-                        help="obs column with true labels: print metrics and write <out stem>_confusion.png")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: the tokenizer's)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    return parser
+@dataclass
+class AnnotateArguments:
+    """What ``hf-scfm annotate`` takes: an h5ad in, an annotated h5ad (and with labels a confusion PNG) out."""
+
+    model: str = field(metadata={"metavar": "DIR_OR_REPO", "help": "classifier from hf-scfm finetune"})
+    query: str = field(metadata={"metavar": "H5AD", "help": "cells to annotate (raw counts)"})
+    out: str = field(metadata={"metavar": "H5AD", "help": "annotated copy of the query (.h5ad)"})
+    label_key: str | None = field(default=None, metadata={
+        "metavar": "KEY", "help": "obs column with true labels: print metrics and write <out stem>_confusion.png"})
+    batch_size: int = field(default=64, metadata={"help": "cells per forward pass"})
+    max_length: int | None = field(default=None, metadata={"help": "tokens per cell (default: the tokenizer's)"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    layer: str | None = field(default=None, metadata={"help": "read counts from adata.layers[LAYER] instead of X "
+                                                              "(e.g. counts)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress: none)"})
+
+    def __post_init__(self):
+        if Path(self.out).suffix != ".h5ad":
+            raise ValueError(f"--out {self.out} must end in .h5ad")
 
 
-def add_annotate_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``annotate`` to an ``argparse`` subparsers object (handler: :func:`annotate_command`)."""
-    parser = subparsers.add_parser(
-        "annotate", help="annotate cell types of an h5ad with a fine-tuned classifier",
-        description="Predict cell types (obs['predicted_cell_type'], confidence, probabilities in obsm) with a "
-        "classifier written by hf-scfm finetune; with --label-key also score them and plot a confusion matrix.",
-    )
-    add_annotate_arguments(parser)
-    parser.set_defaults(func=annotate_command)
-    return parser
-
-
-def annotate_command(args: argparse.Namespace) -> int:
-    """Handler of ``hf-scfm annotate``: writes ``--out`` (and the confusion PNG), prints metrics; 2 on bad input."""
-    from ..training.hub import CheckpointError
-
+def annotate_h5ad(args: AnnotateArguments):
+    """``hf-scfm annotate``: annotate ``args.query`` (an .h5ad), write ``args.out`` (and the confusion PNG with a
+    label key), print a summary; returns the annotated AnnData."""
     out = Path(args.out)
-    if out.suffix != ".h5ad":
-        print(f"hf-scfm annotate: error: --out {out} must end in .h5ad", file=sys.stderr)
-        return 2
     png = confusion_png_path(out) if args.label_key else None
-    try:
-        result = annotate(args.model, args.query, label_key=args.label_key, batch_size=args.batch_size,
-                          max_length=args.max_length, out_png=png, device=args.device)
-    except (CheckpointError, ValueError, FileNotFoundError, TypeError) as err:
-        print(f"hf-scfm annotate: error: {err}", file=sys.stderr)
-        return 2
+    result = annotate(args.model, args.query, label_key=args.label_key, batch_size=args.batch_size,
+                      max_length=args.max_length, out_png=png, device=args.device, layer=args.layer,
+                      progress=args.progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.write_h5ad(out)
     counts = result.obs[PREDICTION_KEY].value_counts()
@@ -282,14 +278,4 @@ def annotate_command(args: argparse.Namespace) -> int:
         if m["unseen_labels"]:
             print(f"not scored (labels unseen in training): {json.dumps(m['unseen_labels'])}")
         print(f"confusion matrix: {png}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-scfm annotate")
-    add_annotate_arguments(parser)
-    return annotate_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return result

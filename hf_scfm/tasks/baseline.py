@@ -1,7 +1,7 @@
 """The logistic-regression baseline of cell-type annotation, on the same split as the foundation model.
 
 Each cell is library-size normalised to 10,000 counts and log1p-transformed (scanpy's ``normalize_total(1e4)``
-+ ``log1p``, computed directly on the sparse matrix by :func:`hf_scfm.data.anndata_io.log_normalize_counts`, the
++ ``log1p``, computed directly on the sparse matrix by :func:`hf_scfm.tokenization.anndata_io.log_normalize_counts`, the
 same normalisation the tokenizer's gene selection uses; scanpy is not needed), on the genes the train and
 test cells share, and a multinomial ``sklearn.linear_model.LogisticRegression`` (L2, ``C=1``, lbfgs) is fit on
 the train cells. This is the baseline of the scGPT / CellFM / SC-MAMBA2 annotation comparisons (the issue's
@@ -24,7 +24,8 @@ def _require_sklearn():
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError as err:
-        raise ImportError('The logistic-regression baseline needs scikit-learn: pip install -e ".[plots]"') from err
+        raise ImportError("The logistic-regression baseline needs scikit-learn (a dependency of hf-scfm): "
+                          "pip install scikit-learn") from err
     return LogisticRegression
 
 
@@ -32,7 +33,7 @@ def log_normalize(adata, target_sum: float = 1e4):
     """CSR ``log1p(x / library_size * target_sum)`` of an AnnData of raw counts (float32)."""
     import numpy as np
 
-    from ..data.anndata_io import log_normalize_counts
+    from ..tokenization.anndata_io import log_normalize_counts
 
     lib = np.asarray(adata.X.sum(1), dtype=np.float64).ravel()
     if (lib <= 0).any():

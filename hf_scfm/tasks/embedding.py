@@ -17,18 +17,21 @@
 
 Cells are run with :func:`hf_scfm.tasks.inference.iter_model_outputs` (the one batched, no-grad path). One pass
 gives both the cell embeddings and the context gene embeddings (:func:`embed` with ``gene_embeddings="context"``
-returns both). Tokenization is deterministic (the tokenizer's seed), so repeated runs give identical embeddings.
+writes both). Tokenization is deterministic (the tokenizer's seed), so repeated runs give identical embeddings.
+
+:func:`embed` follows scanpy's convention, as every task here: it writes into the AnnData it is given and returns
+``None``, or with ``copy=True`` writes into a copy and returns it. ``hf-scfm embed`` is :func:`embed_h5ad`
+(:class:`EmbedArguments`).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_embed_parser", "embed", "embedding_key", "gene_embeddings", "main", "plot_umap"]
+__all__ = ["EmbedArguments", "embed", "embed_h5ad", "embedding_key", "gene_embeddings", "plot_umap"]
 
 GENE_KINDS = ("input", "context")
 
@@ -81,7 +84,8 @@ def _input_gene_embeddings(model, tokenizer):
     return _gene_frame(tokenizer, token_ids, weight[token_ids])
 
 
-def _run(model, tokenizer, adata, *, context: bool, batch_size: int, max_length: int | None, progress: bool):
+def _run(model, tokenizer, adata, *, context: bool, batch_size: int, max_length: int | None, progress: bool,
+         layer: str | None = None):
     """One pass over the cells: ``(cell_embeddings [N, d] float32, context gene frame or None)``."""
     import torch
 
@@ -91,7 +95,8 @@ def _run(model, tokenizer, adata, *, context: bool, batch_size: int, max_length:
     cells = None
     sums = counts = None
     for rows, inputs, out in iter_model_outputs(model, tokenizer, adata, batch_size=batch_size,
-                                                max_length=max_length, progress=progress, desc="embedding"):
+                                                max_length=max_length, layer=layer, progress=progress,
+                                                desc="embedding"):
         emb = getattr(out, "cell_embedding", None)
         if emb is None:
             raise ValueError(f"{type(model).__name__} returns no cell_embedding; pass a model folder (loaded as "
@@ -120,32 +125,42 @@ def _run(model, tokenizer, adata, *, context: bool, batch_size: int, max_length:
 
 
 def embed(model, query, *, tokenizer=None, batch_size: int = 64, max_length: int | None = None,
-          gene_embeddings: str | None = None, progress: bool = True, device: str | None = None):
-    """Cell embeddings of ``query`` (AnnData or ``.h5ad``) in ``obsm["X_<model_type>"]``; returns the AnnData.
+          gene_embeddings: str | None = None, layer: str | None = None, progress: bool = True,
+          device: str | None = None, copy: bool = False):
+    """Cell embeddings of ``query`` in ``obsm["X_<model_type>"]``, scanpy-style: written into the AnnData and
+    ``None`` returned, or with ``copy=True`` into a copy, which is returned (an ``.h5ad`` path is read into a new
+    AnnData, which is returned).
+
+    Also written: ``uns["X_<model_type>_params"]`` (model type, batch size, max length) and, with
+    ``gene_embeddings``, ``uns["X_<model_type>_gene_embeddings"]``: the :func:`gene_embeddings` DataFrame of that
+    kind (``"context"`` is computed in the same pass over the cells).
 
     Args:
         model: a model folder / Hub id (loaded with ``load_model_and_tokenizer(kind="base")``), or a loaded
             hf-scfm model whose outputs carry ``cell_embedding`` (then pass ``tokenizer``).
-        query: AnnData of raw counts (written in place and returned) or an ``.h5ad`` path (read, then returned).
-        gene_embeddings: ``None``; ``"input"`` or ``"context"`` to also return :func:`gene_embeddings` of that
-            kind computed in the same pass: the result is then ``(adata, DataFrame)``.
+        query: AnnData of raw counts or an ``.h5ad`` path.
+        gene_embeddings: ``None``, ``"input"`` or ``"context"``.
         max_length: tokens per cell (default: the tokenizer's).
+        layer: read the counts from ``adata.layers[layer]`` instead of ``X``.
+        copy: write into a copy of ``query`` and return it.
     """
-    from .inference import read_cells
+    from .inference import result_target
 
     if gene_embeddings not in (None, *GENE_KINDS):
         raise ValueError(f"gene_embeddings={gene_embeddings!r}: choose None, 'input' or 'context'.")
     model, tokenizer = _resolve(model, tokenizer, device)
-    adata = read_cells(query)
+    adata, returned = result_target(query, copy)
     cells, genes = _run(model, tokenizer, adata, context=gene_embeddings == "context", batch_size=batch_size,
-                        max_length=max_length, progress=progress)
+                        max_length=max_length, layer=layer, progress=progress)
     key = embedding_key(model)
     adata.obsm[key] = cells
     adata.uns[f"{key}_params"] = {"model_type": model.config.model_type, "batch_size": int(batch_size),
                                   "max_length": int(max_length or tokenizer.model_max_length)}
     if gene_embeddings == "input":
         genes = _input_gene_embeddings(model, tokenizer)
-    return adata if gene_embeddings is None else (adata, genes)
+    if genes is not None:
+        adata.uns[f"{key}_gene_embeddings"] = genes
+    return adata if returned else None
 
 
 def gene_embeddings(model, *, tokenizer=None, kind: str = "input", adata=None, batch_size: int = 64,
@@ -218,75 +233,51 @@ def write_gene_embeddings(frame, path_stem: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# CLI
+# command line
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="a checkpoint of any hf-scfm family")
-    parser.add_argument("--query", required=True, metavar="H5AD", help="cells to embed (raw counts)")
-    parser.add_argument("--out", required=True, metavar="H5AD", help="output .h5ad (embeddings in obsm)")
-    parser.add_argument("--color", default=None, metavar="OBS_KEY", help="obs column colouring the UMAP")
-    parser.add_argument("--umap", action=argparse.BooleanOptionalAction, default=True,
-                        help="write <out stem>_umap.png (default) or --no-umap")
-    parser.add_argument("--gene-embeddings", choices=GENE_KINDS, default=None,
-                        help="also write gene embeddings: the input table or context-averaged over the query")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: tokenizer's)")
-    parser.add_argument("--seed", type=int, default=0, help="UMAP seed")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
+@dataclass
+class EmbedArguments:
+    """What ``hf-scfm embed`` takes: an h5ad in; the h5ad with embeddings, a UMAP PNG and gene embeddings out."""
+
+    model: str = field(metadata={"metavar": "DIR_OR_REPO", "help": "a checkpoint of any hf-scfm family"})
+    query: str = field(metadata={"metavar": "H5AD", "help": "cells to embed (raw counts)"})
+    out: str = field(metadata={"metavar": "H5AD", "help": "output .h5ad (embeddings in obsm)"})
+    color: str | None = field(default=None, metadata={"metavar": "OBS_KEY", "help": "obs column colouring the UMAP"})
+    umap: bool = field(default=True, metadata={"help": "write <out stem>_umap.png (default) or --no-umap"})
+    gene_embeddings: str | None = field(default=None, metadata={
+        "choices": list(GENE_KINDS), "help": "also write gene embeddings (Parquet): the input table or "
+                                             "context-averaged over the query"})
+    batch_size: int = field(default=64, metadata={"help": "cells per forward pass"})
+    max_length: int | None = field(default=None, metadata={"help": "tokens per cell (default: the tokenizer's)"})
+    layer: str | None = field(default=None, metadata={"help": "read counts from adata.layers[LAYER] instead of X"})
+    seed: int = field(default=0, metadata={"help": "UMAP seed"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar (--no-progress: none)"})
+
+    def __post_init__(self):
+        if Path(self.out).suffix != ".h5ad":
+            raise ValueError(f"--out {self.out} must end in .h5ad")
 
 
-def add_embed_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``embed`` to an ``argparse`` subparsers object (handler: :func:`embed_command`)."""
-    parser = subparsers.add_parser(
-        "embed", help="cell (and gene) embeddings of an h5ad, with a UMAP",
-        description="Embed the cells of an h5ad with an hf-scfm model: obsm['X_<model_type>'], a UMAP PNG, and "
-                    "optionally gene embeddings (Parquet).",
-    )
-    _add_arguments(parser)
-    parser.set_defaults(func=embed_command)
-    return parser
-
-
-def embed_command(args: argparse.Namespace) -> int:
-    """Handler of ``hf-scfm embed``: one-line errors for bad inputs, 0 on success."""
-    from ..training.hub import CheckpointError
-
+def embed_h5ad(args: EmbedArguments):
+    """``hf-scfm embed``: embed ``args.query`` (an .h5ad) and write ``args.out``, the UMAP PNG and the gene
+    embeddings (Parquet, taken out of ``uns``); prints what it wrote and returns the AnnData."""
     out = Path(args.out)
-    if out.suffix != ".h5ad":
-        print(f"hf-scfm embed: error: --out {out} must end in .h5ad", file=sys.stderr)
-        return 2
-    try:
-        model, tokenizer = _resolve(args.model, None)
-        result = embed(model, args.query, tokenizer=tokenizer, batch_size=args.batch_size,
-                       max_length=args.max_length, gene_embeddings=args.gene_embeddings, progress=not args.quiet)
-        adata, genes = result if args.gene_embeddings else (result, None)
-        key = embedding_key(model)
-        written = []
-        if args.umap:
-            written.append(plot_umap(adata, key, out.with_name(f"{out.stem}_umap.png"), color=args.color,
-                                     seed=args.seed))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        adata.write_h5ad(out)
-        written.insert(0, out)
-        if genes is not None:
-            written.append(write_gene_embeddings(genes, out.with_name(f"{out.stem}_gene_embeddings_{args.gene_embeddings}")))
-    except (CheckpointError, ValueError, FileNotFoundError, ImportError) as err:
-        print(f"hf-scfm embed: error: {err}", file=sys.stderr)
-        return 2
+    model, tokenizer = _resolve(args.model, None)
+    adata = embed(model, args.query, tokenizer=tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+                  gene_embeddings=args.gene_embeddings, layer=args.layer, progress=args.progress)
+    key = embedding_key(model)
+    written = []
+    if args.umap:
+        written.append(plot_umap(adata, key, out.with_name(f"{out.stem}_umap.png"), color=args.color, seed=args.seed))
+    genes = adata.uns.pop(f"{key}_gene_embeddings", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    written.insert(0, out)
+    if genes is not None:
+        written.append(write_gene_embeddings(genes, out.with_name(f"{out.stem}_gene_embeddings_{args.gene_embeddings}")))
     print(f"Embedded {adata.n_obs} cells into obsm[{key!r}] ({adata.obsm[key].shape[1]} dims). Wrote:")
     for path in written:
         print(f"  {path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-scfm embed")
-    _add_arguments(parser)
-    return embed_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return adata

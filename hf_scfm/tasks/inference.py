@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_model_and_tokenizer", "read_cells", "iter_model_outputs"]
+__all__ = ["load_model_and_tokenizer", "read_cells", "result_target", "iter_model_outputs"]
 
 #: What :func:`load_model_and_tokenizer` may return: the backbone, the classifier, or whatever class was saved.
 KINDS = ("base", "classifier", "saved")
@@ -85,18 +85,34 @@ def read_cells(cells, *, source: str = "the query"):
     if isinstance(cells, ad.AnnData):
         return cells.to_memory() if cells.isbacked else cells
     if isinstance(cells, (str, Path)):
-        from ..data.anndata_io import read_h5ad
+        from ..tokenization.anndata_io import read_h5ad
 
         return read_h5ad(cells, backed=False)
     raise TypeError(f"{source}: expected an AnnData or an .h5ad path, got {type(cells).__name__}.")
 
 
+def result_target(query, copy: bool, *, source: str = "the query"):
+    """``(adata, return it)``: where a task writes its results, scanpy's way. An AnnData is written in place (and
+    the task returns None), or with ``copy`` a copy of it is (and returned); an ``.h5ad`` path is read into a new
+    AnnData, which is returned. A backed AnnData cannot take results in place: pass ``copy=True``."""
+    import anndata as ad
+
+    if isinstance(query, ad.AnnData):
+        if query.isbacked and not copy:
+            raise ValueError(f"{source} is a backed AnnData, which cannot take results in place: pass copy=True (the "
+                             "results go into an in-memory copy, returned), or load it with adata.to_memory().")
+        return (query.to_memory() if query.isbacked else query.copy()) if copy else query, copy
+    return read_cells(query, source=source), True
+
+
 def iter_model_outputs(model, tokenizer, adata, *, batch_size: int = 64, max_length: int | None = None,
-                       progress: bool = True, desc: str = "cells", **forward_kwargs: Any) -> Iterator[tuple]:
+                       layer: str | None = None, progress: bool = True, desc: str = "cells",
+                       **forward_kwargs: Any) -> Iterator[tuple]:
     """Yield ``(cell_slice, inputs, outputs)`` per batch of cells, in order, under ``torch.no_grad()``.
 
     ``inputs`` is the tokenized batch (tensors on the model's device); ``outputs`` the model's ``ModelOutput``.
-    Extra keyword arguments go to ``model.forward`` (e.g. ``output_hidden_states=True``).
+    ``layer``: read the counts from ``adata.layers[layer]`` instead of ``X``. Extra keyword arguments go to
+    ``model.forward`` (e.g. ``output_hidden_states=True``).
     """
     import torch
     from tqdm.auto import tqdm
@@ -108,7 +124,8 @@ def iter_model_outputs(model, tokenizer, adata, *, batch_size: int = 64, max_len
     try:
         for start in range(0, adata.n_obs, batch_size):
             rows = slice(start, min(start + batch_size, adata.n_obs))
-            enc = tokenizer(adata[rows], max_length=max_length, padding=True, truncation=True, return_tensors="pt")
+            enc = tokenizer(adata[rows], max_length=max_length, padding=True, truncation=True, return_tensors="pt",
+                            layer=layer)
             inputs = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "values", "attention_mask")}
             with torch.no_grad():
                 outputs = model(**inputs, **forward_kwargs)

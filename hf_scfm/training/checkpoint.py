@@ -1,4 +1,6 @@
-"""Resumable training state in safetensors + JSON: :func:`save_training_state` / :func:`load_training_state`.
+"""Resumable training state in safetensors + JSON (:func:`save_training_state` / :func:`load_training_state`), and
+the ``checkpoint-N`` folders of a pretraining run (:func:`find_resume_checkpoint`, :func:`read_run_state`,
+:func:`check_resume_compatible`: which checkpoint ``--resume`` means, and whether this run may continue it).
 
 ``accelerator.save_state``/``load_state`` write and read ``optimizer.bin``, ``scheduler.bin``,
 ``random_states_*.pkl``, ``custom_checkpoint_*.pkl`` with ``torch.save``/pickle, and unpickling a file can run
@@ -40,6 +42,7 @@ import json
 import logging
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -331,3 +334,85 @@ def load_training_state(folder, accelerator, model, optimizer, scheduler) -> dic
     else:
         raise TrainingStateError(f"{manifest_path}: unknown format {manifest.get('format')!r}.")
     return _read_component(folder, f"extra_state_rank{rank}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the checkpoint-N folders of a pretraining run
+# ---------------------------------------------------------------------------------------------------------------
+#: The run description in every ``checkpoint-N`` of ``hf-scfm pretrain`` (written last: its presence marks a whole
+#: checkpoint).
+STATE_FILE = "hf_scfm_training_state.json"
+#: The settings it records (plus ``step``); a resumed run must match the first six and ``world_size``.
+RUN_STATE_KEYS = ("model", "preset", "objective", "batch_size", "gradient_accumulation_steps", "seed", "max_steps",
+                  "world_size", "corpus")
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed (missing, partial, or from another run configuration)."""
+
+
+def run_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """``[(step, folder)]`` of the complete-looking ``checkpoint-N`` folders in ``out``, by step."""
+    found = []
+    if out.is_dir():
+        for child in out.iterdir():
+            match = _CHECKPOINT_RE.match(child.name)
+            if match and child.is_dir():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def read_run_state(checkpoint: Path) -> dict[str, Any]:
+    """The run description of a complete checkpoint; :class:`ResumeError` if it is partial or corrupt."""
+    path = checkpoint / STATE_FILE
+    if not checkpoint.is_dir():
+        raise ResumeError(f"{checkpoint} is not a folder: pass a checkpoint-N folder written by hf-scfm pretrain.")
+    if not path.is_file():
+        raise ResumeError(
+            f"{checkpoint} has no {STATE_FILE}: the checkpoint is partial (the run stopped while saving it) or was "
+            "not written by hf-scfm pretrain. Resume from an earlier checkpoint-N, or start again without --resume."
+        )
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ResumeError(f"{path} is not valid JSON ({err}): the checkpoint is corrupt.") from err
+    from .hub import CheckpointError, validate_checkpoint
+
+    try:
+        validate_checkpoint(checkpoint, require_tokenizer=True)
+    except CheckpointError as err:
+        raise ResumeError(f"Cannot resume from {checkpoint}: {err}") from err
+    return state
+
+
+def find_resume_checkpoint(resume: str | None, out: str | Path) -> Path | None:
+    """The checkpoint ``--resume`` names: None, ``"latest"`` (the last ``checkpoint-N`` in ``out``) or a folder."""
+    if resume is None:
+        return None
+    out = Path(out)
+    if resume != "latest":
+        return Path(resume)
+    found = run_checkpoints(out)
+    if not found:
+        raise ResumeError(f"--resume: {out} holds no checkpoint-N folder. Start without --resume.")
+    return found[-1][1]
+
+
+def check_resume_compatible(state: dict, run: dict, checkpoint: Path) -> None:
+    """:class:`ResumeError` unless ``run`` (this run's :data:`RUN_STATE_KEYS` settings) can continue ``state``."""
+    mismatches = [
+        f"--{key.replace('_', '-')} {run[key]!r} (checkpoint: {state.get(key)!r})"
+        for key in ("model", "preset", "objective", "batch_size", "gradient_accumulation_steps", "seed")
+        if state.get(key) != run[key]
+    ]
+    if mismatches:
+        raise ResumeError(
+            f"{checkpoint} was written by a run with other settings: {'; '.join(mismatches)}. Resume with the "
+            "settings of that run (an exact resume replays its data order), or start a new run in another --out."
+        )
+    if state.get("world_size") != run["world_size"]:
+        raise ResumeError(
+            f"{checkpoint} was written with {state.get('world_size')} processes, this run has {run['world_size']}: "
+            "each rank's data position cannot be carried over. Launch with the same number of processes."
+        )

@@ -1,17 +1,19 @@
-"""One place that maps a model family to its parts: config, pretraining head, classifier, encoding, collator.
+"""How each model family is trained: its encoding, species, pretraining objectives (head + collator), classifier.
 
-The training loop (:mod:`hf_scfm.training.pretrain`), the fine-tuning command (:mod:`hf_scfm.training.finetune`)
-and the remote-code export (:mod:`hf_scfm.training.remote_code`) read a family only through :func:`get_family`,
-so adding a family means adding one :class:`Family` entry here. Classes are named, not imported, so importing
-this module costs nothing; :meth:`Family.module` imports the family's subpackage (which registers it with the
-transformers Auto classes) when a class is first needed.
+The training loop (:mod:`hf_scfm.training.pretrain`), fine-tuning (:mod:`hf_scfm.training.finetune`) and the tasks
+read a family only through :func:`get_family`. The family's classes come from its one Auto mapping
+(``<MODEL_TYPE>_AUTO_MAP`` in its configuration file, read by :func:`hf_scfm.modeling.auto_map`): the config is
+``AutoConfig``'s class, the backbone ``AutoModel``'s, the classifier ``AutoModelForSequenceClassification``'s.
+Importing this module costs nothing; a class is imported when first needed.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from ..modeling import auto_class_name, family_package
 
 __all__ = ["Family", "Objective", "FAMILIES", "get_family", "family_of_config"]
 
@@ -32,21 +34,40 @@ class Family:
     """A model family: where its classes live and how its cells are encoded."""
 
     name: str
-    package: str
-    config_class: str
-    model_class: str
-    classification_class: str
     encoding: str
     species: str
     objectives: dict[str, Objective]
     default_objective: str
     #: Names of the classification head's top-level modules (LoRA ``modules_to_save``: trained in full).
     classifier_modules: tuple[str, ...]
-    #: transformers Auto class -> class name, written to ``config.json``'s ``auto_map`` for remote code.
-    auto_classes: dict[str, str] = field(default_factory=dict)
+    #: The config field the perturbation head's value scale lives in (SC-MAMBA2's ``value_scale`` also scales the
+    #: inputs; the others divide the head's output by ``perturbation_value_scale``).
+    perturbation_scale_key: str = "perturbation_value_scale"
+
+    @property
+    def package(self) -> str:
+        """``"hf_scfm.modeling.<name>"``."""
+        return family_package(self.name)
+
+    @property
+    def config_class(self) -> str:
+        return auto_class_name(self.name, "AutoConfig")
+
+    @property
+    def model_class(self) -> str:
+        """The backbone (``AutoModel``)."""
+        return auto_class_name(self.name, "AutoModel")
+
+    @property
+    def classification_class(self) -> str:
+        return auto_class_name(self.name, "AutoModelForSequenceClassification")
+
+    @property
+    def perturbation_class(self) -> str:
+        return auto_class_name(self.name, "AutoModelForPerturbationPrediction")
 
     def module(self):
-        """The family's subpackage (importing it registers the Auto classes)."""
+        """The family's package (classes load from it on first access)."""
         return importlib.import_module(self.package)
 
     def get(self, class_name: str):
@@ -86,10 +107,6 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "mouse_genemamba": Family(
         name="mouse_genemamba",
-        package="hf_scfm.modeling.mouse_genemamba",
-        config_class="MouseGeneMambaConfig",
-        model_class="MouseGeneMambaModel",
-        classification_class="MouseGeneMambaForSequenceClassification",
         encoding="rank",
         species="mouse",
         objectives={
@@ -100,19 +117,9 @@ FAMILIES: dict[str, Family] = {
         },
         default_objective="causal",
         classifier_modules=("classifier",),
-        auto_classes={
-            "AutoModel": "MouseGeneMambaModel",
-            "AutoModelForCausalLM": "MouseGeneMambaForCausalLM",
-            "AutoModelForMaskedLM": "MouseGeneMambaForMaskedLM",
-            "AutoModelForSequenceClassification": "MouseGeneMambaForSequenceClassification",
-        },
     ),
     "scmamba2": Family(
         name="scmamba2",
-        package="hf_scfm.modeling.scmamba2",
-        config_class="ScMamba2Config",
-        model_class="ScMamba2Model",
-        classification_class="ScMamba2ForSequenceClassification",
         encoding="binned",
         species="human",
         objectives={
@@ -121,17 +128,10 @@ FAMILIES: dict[str, Family] = {
         },
         default_objective="masked_expression",
         classifier_modules=("classifier",),
-        auto_classes={
-            "AutoModel": "ScMamba2Model",
-            "AutoModelForSequenceClassification": "ScMamba2ForSequenceClassification",
-        },
+        perturbation_scale_key="value_scale",
     ),
     "cellfm": Family(
         name="cellfm",
-        package="hf_scfm.modeling.cellfm",
-        config_class="CellFMConfig",
-        model_class="CellFMModel",
-        classification_class="CellFMForSequenceClassification",
         encoding="continuous",
         species="human",
         objectives={
@@ -140,11 +140,6 @@ FAMILIES: dict[str, Family] = {
         },
         default_objective="masked_regression",
         classifier_modules=("head",),
-        auto_classes={
-            "AutoModel": "CellFMModel",
-            "AutoModelForPreTraining": "CellFMForMaskedRegression",
-            "AutoModelForSequenceClassification": "CellFMForSequenceClassification",
-        },
     ),
 }
 

@@ -1,4 +1,7 @@
-"""Fine-tuning for cell-type annotation: ``hf-scfm finetune --task annotate`` on ``transformers.Trainer``.
+"""Fine-tuning for cell-type annotation on ``transformers.Trainer``: ``finetune(FinetuneArguments(...),
+FinetuneTrainingArguments(output_dir=...))`` or ``hf-scfm finetune`` (the same two dataclasses on the command line:
+``--model``, ``--train``, ``--label-key``, ... and every ``TrainingArguments`` option, ``--out`` for its
+``output_dir``).
 
 ``--model`` is a folder or Hub repo written by ``hf-scfm pretrain`` (or any ``save_pretrained`` of an hf-scfm
 model with its tokenizer). The cells of ``--train`` (and ``--eval``) are tokenized with the checkpoint's own
@@ -17,12 +20,9 @@ Choices, and why:
 * **Label map.** A merged or fully fine-tuned model keeps it in ``config.json`` (``id2label``/``label2id``). An
   adapter folder has no ``config.json`` (that is how a PEFT adapter is recognised), so the label map also goes to
   ``label_map.json``; :func:`load_finetuned` reads either.
-* **Metrics.** accuracy, macro-F1, macro precision and macro recall (:func:`classification_metrics`). The issue
-  asks for ``evaluate``, but ``evaluate.load("accuracy")`` downloads the metric script from the Hub and fails
-  offline (checked: ``FileNotFoundError ... doesn't exist on the Hugging Face Hub either``). ``evaluate``'s
-  accuracy/f1/precision/recall scripts call ``sklearn.metrics``, which is not a dependency of hf-scfm, so the
-  same definitions (``average="macro"``, ``zero_division=0``) are computed with NumPy; a test pins them to
-  sklearn.
+* **Metrics.** accuracy, macro-F1, macro precision and macro recall (:func:`classification_metrics`): the
+  ``cell_type_annotation`` ``evaluate`` module shipped in ``hf_scfm/metrics/`` (scikit-learn underneath,
+  ``average="macro"``, ``zero_division=0``), loaded offline from its folder.
 * **Eval cells with labels unseen in training** cannot be scored by a classifier over the training labels: they
   are dropped, with a warning giving their count.
 * **Gene selection** (``--n-top-genes N``): the tokenizer reads only the N most variable genes of the reference
@@ -36,14 +36,16 @@ Choices, and why:
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
-import sys
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -52,60 +54,71 @@ LABEL_MAP_FILE = "label_map.json"
 LABEL_COLUMN = "cell_label"
 
 
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--task", default="annotate", choices=TASKS)
-    parser.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="pretrained checkpoint")
-    parser.add_argument("--train", required=True, metavar="H5AD", help="labelled reference cells (.h5ad)")
-    parser.add_argument("--eval", default=None, metavar="H5AD", help="held-out labelled cells (.h5ad)")
-    parser.add_argument("--label-key", required=True, metavar="KEY", help="obs column with the labels")
-    parser.add_argument("--out", required=True, metavar="DIR")
-    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
-                        help="LoRA adapters (default) or --no-lora for full fine-tuning")
-    parser.add_argument("--merge", action="store_true", help="save the model with the adapters merged in")
-    parser.add_argument("--lora-r", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=int, default=16)
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs)")
-    parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--warmup-ratio", type=float, default=0.0, metavar="R",
-                        help="linear warm-up over this fraction (in [0, 1)) of the steps, then linear decay (Trainer's "
-                             "schedule)")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per cell (default: tokenizer's)")
-    parser.add_argument("--n-top-genes", type=int, default=None, metavar="N",
-                        help="read only the N most variable genes of --train (--hvg-flavor, per --hvg-batch-key "
-                             "batch if given); saved with the tokenizer, so annotate reads queries the same way "
-                             "(default: the checkpoint tokenizer's genes)")
-    parser.add_argument("--hvg-flavor", default="pearson_residuals", metavar="FLAVOR",
-                        help="scanpy flavour of --n-top-genes: pearson_residuals (default, on raw counts), "
-                             "seurat_v3, seurat or cell_ranger (see GeneTokenizer.select_highly_variable_genes)")
-    parser.add_argument("--hvg-batch-key", default=None, metavar="KEY",
-                        help="obs column of batches for --n-top-genes (genes variable within batches)")
-    parser.add_argument("--class-weight", default="none", choices=("none", "balanced"),
-                        help="balanced: weight the cross-entropy of class c by n / (K * n_c) (sklearn's "
-                             "'balanced'), so rare cell types count as much as common ones (macro-F1)")
-    parser.add_argument("--pooling", default=None, metavar="HOW",
-                        help="how the classifier reads the cell embedding, for families with a config.pooling "
-                             "(SC-MAMBA2: cls | mean; Mouse-GeneMamba: mean | last); default: the checkpoint's")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--adversarial-batch-key", default=None, metavar="KEY",
-                        help="obs column of batches to remove from the cell embedding by adversarial training "
-                             "(gradient-reversal discriminator, SC-MAMBA2 4.4; training only)")
-    parser.add_argument("--adversarial-weight", type=float, default=1.0, metavar="W",
-                        help="weight of the adversarial batch loss (with --adversarial-batch-key)")
-    return parser
+@dataclass
+class FinetuneArguments:
+    """What ``hf-scfm finetune`` takes besides the Trainer's own arguments (:class:`FinetuneTrainingArguments`)."""
+
+    model: str = field(metadata={"metavar": "DIR_OR_REPO", "help": "pretrained checkpoint (folder or Hub repo id)"})
+    train: str = field(metadata={"metavar": "H5AD", "help": "labelled reference cells (.h5ad)"})
+    label_key: str = field(metadata={"metavar": "KEY", "help": "obs column with the labels"})
+    task: str = field(default="annotate", metadata={"choices": list(TASKS), "help": "the fine-tuning task"})
+    eval: str | None = field(default=None, metadata={"metavar": "H5AD", "help": "held-out labelled cells (.h5ad)"})
+    lora: bool = field(default=True, metadata={"help": "LoRA adapters (default), or --no-lora for full fine-tuning"})
+    merge: bool = field(default=False, metadata={"help": "save the model with the adapters merged in"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    max_length: int | None = field(default=None, metadata={"help": "tokens per cell (default: the tokenizer's)"})
+    n_top_genes: int | None = field(default=None, metadata={
+        "metavar": "N", "help": "read only the N most variable genes of --train (--hvg-flavor, per --hvg-batch-key "
+                                "batch if given); saved with the tokenizer, so annotate reads queries the same way "
+                                "(default: the checkpoint tokenizer's genes)"})
+    hvg_flavor: str = field(default="pearson_residuals", metadata={
+        "metavar": "FLAVOR", "help": "scanpy flavour of --n-top-genes: pearson_residuals (default, on raw counts), "
+                                     "seurat_v3, seurat or cell_ranger (see GeneTokenizer.select_highly_variable_genes)"})
+    hvg_batch_key: str | None = field(default=None, metadata={
+        "metavar": "KEY", "help": "obs column of batches for --n-top-genes (genes variable within batches)"})
+    class_weight: str = field(default="none", metadata={
+        "choices": ["none", "balanced"], "help": "balanced: weight the cross-entropy of class c by n / (K * n_c) "
+                                                 "(sklearn's 'balanced'), so rare cell types count as much as common "
+                                                 "ones (macro-F1)"})
+    pooling: str | None = field(default=None, metadata={
+        "metavar": "HOW", "help": "how the classifier reads the cell embedding, for families with a config.pooling "
+                                  "(SC-MAMBA2: cls | mean; Mouse-GeneMamba: mean | last); default: the checkpoint's"})
+    layer: str | None = field(default=None, metadata={"help": "read counts from adata.layers[LAYER] instead of X"})
+    adversarial_batch_key: str | None = field(default=None, metadata={
+        "metavar": "KEY", "help": "obs column of batches to remove from the cell embedding by adversarial training "
+                                  "(gradient-reversal discriminator, SC-MAMBA2 4.4; training only)"})
+    adversarial_weight: float = field(default=1.0, metadata={
+        "metavar": "W", "help": "weight of the adversarial batch loss (with --adversarial-batch-key)"})
+
+    def __post_init__(self):
+        if self.merge and not self.lora:
+            raise ValueError("--merge folds LoRA adapters into the model; it needs --lora (the default).")
+        if self.task not in TASKS:
+            raise ValueError(f"--task {self.task!r}: choose one of {list(TASKS)}.")
 
 
-def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``finetune`` to an ``argparse`` subparsers object (handler: :func:`finetune_command`)."""
-    parser = subparsers.add_parser(
-        "finetune", help="fine-tune a pretrained model (cell-type annotation, LoRA by default)",
-        description="Fine-tune a pretrained hf-scfm checkpoint on labelled cells with transformers.Trainer.",
-    )
-    add_finetune_arguments(parser)
-    parser.set_defaults(func=finetune_command)
-    return parser
+@dataclass
+class FinetuneTrainingArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` with the defaults of ``hf-scfm finetune``: the output folder is the
+    fine-tuned model's (``--out``), learning rate 1e-3, 16 cells per batch (``--batch-size``), a log line every 10
+    steps, no intermediate checkpoints, seed 0. Every other Trainer option works as documented by transformers."""
+
+    output_dir: str = field(metadata={"aliases": ["--out"], "help": "folder of the fine-tuned model"})
+    per_device_train_batch_size: int = field(default=16, metadata={"aliases": ["--batch-size"],
+                                                                   "help": "cells per device per training batch"})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "cells per device per evaluation batch"})
+    num_train_epochs: float = field(default=3.0, metadata={"aliases": ["--epochs"],
+                                                           "help": "epochs (when --max-steps is not given)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    logging_steps: float = field(default=10, metadata={"help": "log every N steps"})
+    save_strategy: str = field(default="no", metadata={"help": "Trainer checkpoints: no (default), steps or epoch"})
+    seed: int = field(default=0, metadata={"help": "seed of the head's initialisation and the data order"})
+    disable_tqdm: bool | None = field(default=True, metadata={"help": "no Trainer progress bar (default)"})
+    label_names: list[str] | None = field(default_factory=lambda: ["labels"], metadata={"help": "label keys"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "must stay False: the collator reads "
+                                                                         "the label column"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,7 +160,8 @@ def resolve_checkpoint(model: str) -> tuple[Path, dict, Any]:
     return path, summary["config"], family
 
 
-def cell_records(adata, tokenizer, label_key: str, max_length: int | None, source: str) -> list[dict]:
+def cell_records(adata, tokenizer, label_key: str, max_length: int | None, source: str,
+                 layer: str | None = None) -> list[dict]:
     """One record per cell (``input_ids``, ``values``, label) from an AnnData, tokenized without padding."""
     if label_key not in adata.obs.columns:
         raise ValueError(
@@ -156,7 +170,7 @@ def cell_records(adata, tokenizer, label_key: str, max_length: int | None, sourc
     labels = adata.obs[label_key]
     if labels.isna().any():
         raise ValueError(f"{source}: obs[{label_key!r}] has {int(labels.isna().sum())} missing labels; drop those cells.")
-    enc = tokenizer(adata, max_length=max_length, padding=False, truncation=True)
+    enc = tokenizer(adata, max_length=max_length, padding=False, truncation=True, layer=layer)
     return [
         {"input_ids": ids, "values": vals, LABEL_COLUMN: str(label)}
         for ids, vals, label in zip(enc["input_ids"], enc["values"], labels.astype(str))
@@ -165,25 +179,17 @@ def cell_records(adata, tokenizer, label_key: str, max_length: int | None, sourc
 
 def classification_metrics(predictions, labels) -> dict[str, float]:
     """accuracy and macro-averaged F1, precision and recall over the classes present in ``labels`` or
-    ``predictions`` (sklearn's ``average="macro"`` with ``zero_division=0``; NumPy only, pinned to sklearn in
-    the tests)."""
+    ``predictions``: the ``cell_type_annotation`` metric (:mod:`hf_scfm.metrics`)."""
     import numpy as np
 
+    from ..metrics import load
+
     predictions, labels = np.asarray(predictions).ravel(), np.asarray(labels).ravel()
-    classes = np.union1d(predictions, labels)
-    tp = np.array([np.sum((predictions == c) & (labels == c)) for c in classes], dtype=np.float64)
-    predicted = np.array([np.sum(predictions == c) for c in classes], dtype=np.float64)
-    actual = np.array([np.sum(labels == c) for c in classes], dtype=np.float64)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {
-        "accuracy": float(np.mean(predictions == labels)) if labels.size else 0.0,
-        "f1_macro": float(f1.mean()) if classes.size else 0.0,
-        "precision_macro": float(precision.mean()) if classes.size else 0.0,
-        "recall_macro": float(recall.mean()) if classes.size else 0.0,
-    }
+    if labels.dtype.kind in "iu" and predictions.dtype.kind in "iu":
+        predictions, labels = predictions.astype(np.int64), labels.astype(np.int64)
+    else:
+        predictions, labels = predictions.astype(str), labels.astype(str)
+    return load("cell_type_annotation").compute(predictions=predictions.tolist(), references=labels.tolist())
 
 
 def compute_metrics(eval_pred) -> dict[str, float]:
@@ -258,26 +264,30 @@ def load_finetuned(path: str | Any):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def finetune(args: argparse.Namespace) -> dict[str, Any]:
-    """Run fine-tuning from parsed ``args``; returns ``{"out", "metrics", "num_labels", "trainable_params"}``."""
+def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[str, Any]:
+    """Fine-tune ``args.model`` on the labelled cells of ``args.train``; the Trainer runs with ``training_args``
+    (a :class:`FinetuneTrainingArguments` has this command's defaults; a plain ``TrainingArguments`` works too, its
+    ``remove_unused_columns`` and ``label_names`` are set to what the cell records need). The model is saved to
+    ``training_args.output_dir``. Returns ``{"out", "metrics", "num_labels", "trainable_params"}``."""
     import anndata
-    import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     from ..data import DataCollatorForCellClassification
     from ..modeling.configuration_utils import check_tokenizer_matches
     from ..tokenization import GeneTokenizer
 
-    if args.merge and not args.lora:
-        raise ValueError("--merge folds LoRA adapters into the model; it needs --lora (the default).")
+    if not training_args.output_dir:
+        raise ValueError("training_args.output_dir (--out) is the folder of the fine-tuned model; give one.")
+    training_args = dataclasses.replace(training_args, remove_unused_columns=False, label_names=["labels"])
     model_path, config_dict, family = resolve_checkpoint(args.model)
     tokenizer = GeneTokenizer.from_pretrained(str(model_path))
 
+    # -- the cells: reference (and held-out) cells tokenized by the checkpoint's tokenizer, labels mapped to ids
     train_adata = anndata.read_h5ad(args.train)
-    if getattr(args, "n_top_genes", None):
+    if args.n_top_genes:
         tokenizer.select_highly_variable_genes(train_adata, args.n_top_genes, batch_key=args.hvg_batch_key,
-                                               flavor=getattr(args, "hvg_flavor", "pearson_residuals"))
-    train_records = cell_records(train_adata, tokenizer, args.label_key, args.max_length, args.train)
+                                               flavor=args.hvg_flavor, layer=args.layer)
+    train_records = cell_records(train_adata, tokenizer, args.label_key, args.max_length, args.train, args.layer)
     label_names = sorted({r[LABEL_COLUMN] for r in train_records})
     if len(label_names) < 2:
         raise ValueError(f"{args.train}: obs[{args.label_key!r}] has {len(label_names)} distinct label(s); need >= 2.")
@@ -285,20 +295,22 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     id2label = {i: name for name, i in label2id.items()}
     eval_records = None
     if args.eval:
-        eval_records = cell_records(anndata.read_h5ad(args.eval), tokenizer, args.label_key, args.max_length, args.eval)
+        eval_records = cell_records(anndata.read_h5ad(args.eval), tokenizer, args.label_key, args.max_length, args.eval,
+                                    args.layer)
         unseen = [r for r in eval_records if r[LABEL_COLUMN] not in label2id]
         if unseen:
             warnings.warn(f"{len(unseen)} cells of {args.eval} have labels absent from {args.train} "
                           f"({sorted({r[LABEL_COLUMN] for r in unseen})}); they are not scored.", stacklevel=2)
             eval_records = [r for r in eval_records if r[LABEL_COLUMN] in label2id]
 
+    # -- the model: the family's classifier on the pretrained weights, LoRA adapters unless --no-lora
     overrides = {}
-    if getattr(args, "pooling", None):
+    if args.pooling:
         if not hasattr(family.config_cls(), "pooling"):
             raise ValueError(f"--pooling {args.pooling}: {family.name} has no pooling option (its cell embedding is "
                              "fixed by the architecture); drop --pooling.")
         overrides["pooling"] = args.pooling
-    set_seed(args.seed)
+    set_seed(training_args.seed)
     model = family.classification_cls.from_pretrained(
         model_path, num_labels=len(label_names), id2label=id2label, label2id=label2id,
         ignore_mismatched_sizes=True, **overrides,
@@ -310,26 +322,17 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         model = get_peft_model(model, lora_config(model, family, args.lora_r, args.lora_alpha, args.lora_dropout))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    out = Path(args.out)
-    training_args = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=args.max_steps, num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, warmup_steps=float(getattr(args, "warmup_ratio", 0.0)), seed=args.seed,
-        data_seed=args.seed,
-        eval_strategy="epoch" if eval_records and args.max_steps < 0 else "no",
-        save_strategy="no", logging_steps=10, report_to=[], remove_unused_columns=False, label_names=["labels"],
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-    )
+    # -- training: the Trainer with our collator (and the adversary and class weights when asked)
     collator = DataCollatorForCellClassification(label_column=LABEL_COLUMN, label2id=label2id)
     trained = model  # the adversary (training only) wraps it; `model` is what gets saved
-    if getattr(args, "adversarial_batch_key", None):
-        from ..tasks.integration import with_adversarial_batch
+    if args.adversarial_batch_key:
+        from .adversarial import with_adversarial_batch
 
         trained, collator = with_adversarial_batch(model, collator, train_adata, train_records,
                                                    args.adversarial_batch_key, weight=args.adversarial_weight,
                                                    source=args.train)
     loss_func = None
-    if getattr(args, "class_weight", "none") == "balanced":
+    if args.class_weight == "balanced":
         loss_func = WeightedClassificationLoss(balanced_class_weights([r[LABEL_COLUMN] for r in train_records],
                                                                       label2id))
     trainer = Trainer(model=trained, args=training_args, train_dataset=train_records, eval_dataset=eval_records,
@@ -337,6 +340,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     trainer.train()
     metrics = trainer.evaluate() if eval_records else {}
 
+    # -- saving: the label map, the model (adapter, merged or full), its tokenizer and card
+    out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / LABEL_MAP_FILE).write_text(json.dumps({"id2label": {str(k): v for k, v in id2label.items()},
                                                   "label2id": label2id}, indent=2) + "\n", encoding="utf-8")
@@ -347,14 +352,13 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer.model_max_length = args.max_length
     tokenizer.save_pretrained(out)
     if not args.lora or args.merge:
-        from .remote_code import export_remote_code
-
-        export_remote_code(out, family)
-        _write_card(out, model.config, tokenizer, args, label_names, metrics)
+        _write_card(out, model.config, tokenizer, args, training_args, label_names, metrics)
+    print(f"Saved to {out}; metrics: {json.dumps(metrics, sort_keys=True)}")
     return {"out": str(out), "metrics": metrics, "num_labels": len(label_names), "trainable_params": trainable}
 
 
-def _write_card(out: Path, config, tokenizer, args, label_names, metrics) -> None:
+def _write_card(out: Path, config, tokenizer, args: FinetuneArguments, training_args, label_names,
+                metrics) -> None:
     from .model_card import render_model_card, write_card_metadata
 
     results = [
@@ -367,34 +371,12 @@ def _write_card(out: Path, config, tokenizer, args, label_names, metrics) -> Non
         "task": "annotate", "base_model": str(args.model), "label_names": label_names,
         "training_data": {"reference": str(args.train), "label_key": args.label_key, "cells_labels": len(label_names)},
         "hyperparameters": {"lora": args.lora, "merged": args.merge, "lora_r": args.lora_r,
-                            "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-                            "max_steps": args.max_steps, "epochs": args.epochs, "seed": args.seed,
-                            "class_weight": getattr(args, "class_weight", "none"),
+                            "learning_rate": training_args.learning_rate,
+                            "batch_size": training_args.per_device_train_batch_size,
+                            "max_steps": training_args.max_steps, "epochs": training_args.num_train_epochs,
+                            "seed": training_args.seed, "class_weight": args.class_weight,
                             "genes_read": len(tokenizer.gene_subset) if tokenizer.gene_subset else "all"},
         "eval_results": results or None,
     }
     render_model_card(config, tokenizer=tokenizer, **kwargs).save(out / "README.md")
     write_card_metadata(out, **kwargs)
-
-
-def finetune_command(args: argparse.Namespace) -> int:
-    """Handler of ``hf-scfm finetune``: one-line errors for bad inputs, 0 on success."""
-    from .hub import CheckpointError
-
-    try:
-        result = finetune(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
-        print(f"hf-scfm finetune: error: {err}", file=sys.stderr)
-        return 2
-    print(f"Saved to {result['out']}; metrics: {json.dumps(result['metrics'], sort_keys=True)}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-scfm finetune")
-    add_finetune_arguments(parser)
-    return finetune_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

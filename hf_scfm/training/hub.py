@@ -24,6 +24,11 @@ Choices, and why:
   ``config.json`` and tokenizer settings (:mod:`hf_scfm.training.model_card`) into the staging copy; the user's
   folder is never modified.
 
+Metrics travel too: :func:`push_metric` uploads one of the ``evaluate`` modules of :mod:`hf_scfm.metrics` to a Hub
+metric repository (a Space, as ``evaluate-cli create`` makes them: the module as ``<name>.py``, a ``README.md`` from
+its description, an ``app.py`` widget, ``requirements.txt``), after which ``evaluate.load("<org>/<name>")`` loads it
+anywhere.
+
 ``hub_strategy`` follows ``transformers.TrainingArguments``: ``"every_save"`` pushes every save (here to a
 ``checkpoint-N/`` folder of the repo, so earlier checkpoints stay loadable with ``subfolder=``) and the final
 model to the repo root; ``"end"`` pushes only the final model.
@@ -380,6 +385,63 @@ class CheckpointPusher:
         if first_error is not None:
             raise RuntimeError(f"A push to {self.repo_id} failed: {first_error}") from first_error
         return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics as Hub metric repositories
+# ---------------------------------------------------------------------------------------------------------------
+
+_METRIC_APP = """import evaluate
+from evaluate.utils import launch_gradio_widget
+
+module = evaluate.load({repo_id!r})
+launch_gradio_widget(module)
+"""
+
+
+def push_metric(name: str, repo_id: str, *, private: bool = False, token: str | None = None,
+                commit_message: str | None = None, api=None):
+    """Upload the shipped metric ``name`` (:data:`hf_scfm.metrics.METRICS`) to the Hub metric Space ``repo_id``.
+
+    The Space holds what ``evaluate.load(repo_id)`` reads (``<repo name>.py``: the module unchanged, it imports
+    nothing of hf_scfm) and what the Hub shows (``README.md`` with the metric's description, citation and inputs;
+    ``app.py``, ``evaluate``'s Gradio widget; ``requirements.txt``). The repo's name is the module's file name, so it
+    must be a Python identifier (e.g. ``your-org/cell_type_annotation``). Returns the ``CommitInfo``.
+    """
+    from huggingface_hub.utils import validate_repo_id
+
+    from ..metrics import load, metric_path
+
+    validate_repo_id(repo_id)
+    module_name = repo_id.split("/")[-1]
+    if not module_name.isidentifier():
+        raise ValueError(f"repo_id {repo_id!r}: evaluate.load(repo_id) imports <repo name>.py, so the name must be a "
+                         f"Python identifier (e.g. {repo_id.split('/')[0]}/{name}).")
+    source = Path(metric_path(name)) / f"{name}.py"
+    info = load(name)
+    readme = "\n".join([
+        "---",
+        f"title: {module_name}",
+        "tags:", "- evaluate", "- metric", "- single-cell", "- hf-scfm",
+        "sdk: gradio", "app_file: app.py", "pinned: false",
+        "---", "",
+        f"# {module_name}", "",
+        f"An `evaluate` metric of hf-scfm: `evaluate.load({repo_id!r})`.", "",
+        "## Description", "", info.description.strip(), "",
+        "## Inputs and outputs", "", "```", info.inputs_description.strip(), "```", "",
+        "## Citation", "", "```bibtex", info.citation.strip(), "```", "",
+    ])
+    api = api if api is not None else _api(token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="space", space_sdk="gradio")
+    with tempfile.TemporaryDirectory(prefix="hf-scfm-metric-") as tmp:
+        folder = Path(tmp)
+        shutil.copyfile(source, folder / f"{module_name}.py")
+        (folder / "README.md").write_text(readme, encoding="utf-8")
+        (folder / "app.py").write_text(_METRIC_APP.format(repo_id=url.repo_id), encoding="utf-8")
+        (folder / "requirements.txt").write_text("evaluate\ndatasets\nscikit-learn\nscipy\nnumpy\n",
+                                                 encoding="utf-8")
+        return api.upload_folder(repo_id=url.repo_id, folder_path=folder, repo_type="space",
+                                 commit_message=commit_message or f"Upload the {name} metric with hf-scfm")
 
 
 # ---------------------------------------------------------------------------------------------------------------

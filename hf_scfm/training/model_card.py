@@ -7,8 +7,8 @@ fine-tuned models; shared sections live in ``_*.md`` partials); the YAML front m
 Metadata choices, and why:
 
 * ``library_name: transformers``. The checkpoints are ``transformers`` checkpoints (``config.json`` with a
-  ``model_type``, safetensors weights, ``AutoModel.from_pretrained``), and with the ``auto_map`` that the
-  trust-remote-code export adds, the Hub's "Use this model" button then shows a working
+  ``model_type``, safetensors weights, ``AutoModel.from_pretrained``), and with ``auto_map`` (the model's code
+  and the tokenizer's travel with the checkpoint) the Hub's "Use this model" button then shows a working
   ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` snippet, counts downloads through ``config.json`` and
   reads the parameter count from the safetensors header. ``hf-scfm`` is not a library the Hub knows: declaring
   it would show no snippet at all and drop that integration. The package is named instead in ``tags``
@@ -20,6 +20,14 @@ Metadata choices, and why:
   expression values, the output a label). No Hub widget can run these inputs; the tag is for search.
 * ``model-index`` only from evaluation results that exist: nothing is claimed that was not measured.
 * ``datasets`` only for Hub dataset ids the caller names; a local corpus is described in the body instead.
+* **Training data is named with its licence, read from the data**: a local ``.h5ad`` named in ``training_data``
+  (``reference``, ``train``, ``data``) gives its ``uns["source"]`` (the bundled datasets carry their source and
+  licence there), a local corpus (``corpus``) the ``uns["source"]`` of each AnnData it was built from (recorded
+  in its shards by ``build_corpus``). When the data does not say, the card says "not recorded" rather than guess.
+* **Snippets use a valid repo id**: the pushed repo's id, or the explicit placeholder ``your-org/<family>[-<task>]``
+  (e.g. ``your-org/scmamba2-annotate``); an invalid ``repo_id`` is an error. The snippet passes
+  ``trust_remote_code=True`` when the config has an ``auto_map`` (the code is in the repository), and
+  ``import hf_scfm`` otherwise. No URL is written that the project does not own (it has no public repository).
 * ``license`` defaults to ``apache-2.0`` (the code's licence and that of weights we train); pass another when the
   training data demands it.
 """
@@ -222,6 +230,69 @@ def _looks_like_hub_id(value: str | None) -> bool:
     return bool(value) and value.count("/") == 1 and not os.path.exists(value) and not value.startswith((".", "/"))
 
 
+def _snippet_repo_id(repo_id: str | None, family: str, task: str, finetuned: bool) -> str:
+    """The id the usage snippet loads: ``repo_id`` (validated; a bare name gets the ``your-org/`` placeholder
+    namespace) or ``your-org/<family>[-<task>]``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id is None:
+        return f"your-org/{family.replace('_', '-')}" + (f"-{task}" if finetuned else "")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repo id ({err}). Pass 'namespace/name' (letters, "
+                         "digits, '-', '_', '.'), or no repo_id for a your-org/... placeholder.") from err
+    return repo_id if "/" in repo_id else f"your-org/{repo_id}"
+
+
+#: ``training_data`` keys that may name a local ``.h5ad`` of the training cells, and the one naming a corpus.
+_H5AD_KEYS = ("reference", "train", "data")
+_CORPUS_KEY = "corpus"
+
+
+def _h5ad_source(path: str) -> str | None:
+    import anndata as ad
+
+    adata = ad.read_h5ad(path, backed="r")
+    try:
+        source = adata.uns.get("source")
+    finally:
+        adata.file.close()
+    return str(source) if source else None
+
+
+def _corpus_sources(folder: Path) -> dict[str, str | None]:
+    """``{source file: uns["source"] of that AnnData or None}`` from a local corpus's shard footers."""
+    from ..data.loading import DATA_DIR, read_shard_metadata
+
+    sources: dict[str, str | None] = {}
+    for shard in sorted((folder / DATA_DIR).glob("*.parquet")):
+        info, _ = read_shard_metadata(str(shard))
+        sources.setdefault(str(info.get("source_file")), info.get("source_description"))
+    return sources
+
+
+def training_data_with_sources(training_data: dict) -> dict:
+    """``training_data`` plus ``source and licence``: what the named local data says about itself (see the module
+    docstring); unchanged when it already has that key or names no local data."""
+    data = dict(training_data)
+    if "source and licence" in data:
+        return data
+    found = None
+    for key in _H5AD_KEYS:
+        value = data.get(key)
+        if isinstance(value, (str, os.PathLike)) and str(value).endswith(".h5ad") and os.path.isfile(value):
+            found = {Path(value).name: _h5ad_source(str(value))}
+            break
+    corpus = data.get(_CORPUS_KEY)
+    if found is None and isinstance(corpus, (str, os.PathLike)) and os.path.isdir(corpus):
+        found = _corpus_sources(Path(corpus))
+    if found:
+        unknown = "not recorded in the data (uns['source']): name the dataset and its licence before publishing"
+        data["source and licence"] = "; ".join(f"{name}: {text or unknown}" for name, text in found.items())
+    return data
+
+
 def render_model_card(
     config,
     *,
@@ -299,12 +370,14 @@ def render_model_card(
     )
     if isinstance(training_data, str):
         training_data = {"description": training_data}
+    training_data = training_data_with_sources(training_data or {})
     architectures = cfg.get("architectures") or [fam["pretraining_class"]]
     context = {
         "card_data": card_data.to_yaml(),
         "family": fam,
         "model_type": family,
-        "repo_id": repo_id or f"<your-org>/{model_name}",
+        "repo_id": _snippet_repo_id(repo_id, family, task, finetuned),
+        "remote_code": bool(cfg.get("auto_map")),
         "model_name": model_name,
         "architecture": architectures[0],
         "config": cfg,

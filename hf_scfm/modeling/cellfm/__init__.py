@@ -1,36 +1,19 @@
 """CellFM (seed paper 003): a value-projection single-cell foundation model on the ERetNet backbone.
 
-Importing this subpackage registers the config and models with the transformers Auto classes under
-``model_type="cellfm"``: ``AutoConfig``, ``AutoModel`` (:class:`CellFMModel`), ``AutoModelForPreTraining``
-(:class:`CellFMForMaskedRegression`, the pretraining head) and ``AutoModelForSequenceClassification``.
+``model_type="cellfm"``. Auto classes (registered by ``import hf_scfm``, and written into every ``config.json``'s
+``auto_map`` for ``trust_remote_code`` loading): ``AutoConfig``, ``AutoModel`` (:class:`CellFMModel`),
+``AutoModelForPreTraining`` and ``hf_scfm.AutoModelForMaskedExpression`` (:class:`CellFMForMaskedRegression`, the
+pretraining head: one regressed value per token), ``AutoModelForSequenceClassification`` and
+``hf_scfm.AutoModelForPerturbationPrediction`` (:class:`CellFMForPerturbationPrediction`). Importing this package
+imports nothing heavy: classes load on first access.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForSequenceClassification
+from typing import TYPE_CHECKING
 
-from .configuration_cellfm import CELLFM_PAPER_VOCAB_SIZE, CellFMConfig
-from .modeling_cellfm import (
-    CellFMForMaskedRegression,
-    CellFMForSequenceClassification,
-    CellFMMaskedRegressionOutput,
-    CellFMModel,
-    CellFMModelOutput,
-    CellFMPreTrainedModel,
-    CellFMSequenceClassifierOutput,
-)
+from .. import lazy_exports
 
-AutoConfig.register(CellFMConfig.model_type, CellFMConfig, exist_ok=True)
-AutoModel.register(CellFMConfig, CellFMModel, exist_ok=True)
-AutoModelForPreTraining.register(CellFMConfig, CellFMForMaskedRegression, exist_ok=True)
-AutoModelForSequenceClassification.register(CellFMConfig, CellFMForSequenceClassification, exist_ok=True)
+if TYPE_CHECKING:
+    from .configuration_cellfm import *  # noqa: F401,F403
+    from .modeling_cellfm import *  # noqa: F401,F403
 
-__all__ = [
-    "CELLFM_PAPER_VOCAB_SIZE",
-    "CellFMConfig",
-    "CellFMForMaskedRegression",
-    "CellFMForSequenceClassification",
-    "CellFMMaskedRegressionOutput",
-    "CellFMModel",
-    "CellFMModelOutput",
-    "CellFMPreTrainedModel",
-    "CellFMSequenceClassifierOutput",
-]
+__getattr__, __dir__ = lazy_exports(__name__, __file__, ("configuration_cellfm", "modeling_cellfm"))

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from ...tokenization.special_tokens import CLS_TOKEN_ID, HUMAN_VOCAB_SIZE, MASK_TOKEN_ID, MASK_VALUE, PAD_TOKEN_ID
-from ..configuration_utils import PresetMixin
+from .special_tokens import CLS_TOKEN_ID, HUMAN_VOCAB_SIZE, MASK_TOKEN_ID, MASK_VALUE, PAD_TOKEN_ID
 
 
 #: Vocabulary of the paper's presets: CellFM's gene-ID embedding is "24,079 x 1,536" (seed 003, Methods,
@@ -20,6 +20,41 @@ CELLFM_PAPER_VOCAB_SIZE = 24_079 + 6
 
 _BACKENDS = ("auto", "torch", "cuda")
 _RETENTION_FORMS = ("linear", "quadratic")
+
+
+#: The family's Auto classes, as ``config.json``'s ``auto_map`` holds them (``"<file>.<Class>"``): every
+#: ``save_pretrained`` writes this map (so the checkpoint loads with ``trust_remote_code=True`` without hf_scfm), and
+#: ``import hf_scfm`` registers it with transformers' Auto classes (lazily). ``AutoModelForMaskedExpression`` and
+#: ``AutoModelForPerturbationPrediction`` are hf_scfm's own Auto classes (``hf_scfm.AutoModelFor...``).
+CELLFM_AUTO_MAP = {
+    "AutoConfig": "configuration_cellfm.CellFMConfig",
+    "AutoModel": "modeling_cellfm.CellFMModel",
+    "AutoModelForPreTraining": "modeling_cellfm.CellFMForMaskedRegression",
+    "AutoModelForMaskedExpression": "modeling_cellfm.CellFMForMaskedRegression",
+    "AutoModelForSequenceClassification": "modeling_cellfm.CellFMForSequenceClassification",
+    "AutoModelForPerturbationPrediction": "modeling_cellfm.CellFMForPerturbationPrediction",
+}
+
+# Copied from hf_scfm.modeling.configuration_utils.PresetMixin
+class PresetMixin:
+    """Adds ``Config.from_preset(name, **overrides)`` to a ``PreTrainedConfig`` subclass.
+
+    A family lists its presets in the class attribute ``PRESETS`` (name -> keyword arguments).
+    ``"tiny"`` always exists: a model small enough for CPU tests and demos.
+    """
+
+    PRESETS: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(
+                f"Unknown {cls.__name__} preset {name!r}. Available presets: {sorted(cls.PRESETS)}. "
+                f"Pass one of those names, or build the config directly: {cls.__name__}(**kwargs)."
+            )
+        kwargs = copy.deepcopy(cls.PRESETS[name])
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
 
 @strict(accept_kwargs=True)
@@ -66,12 +101,15 @@ class CellFMConfig(PresetMixin, PreTrainedConfig):
             (the paper found 1 to 3 layers perform about the same).
         classifier_hidden_size: hidden width of that head (``None`` = ``hidden_size``).
         classifier_dropout: dropout inside that head.
+        perturbation_value_scale: :class:`CellFMForPerturbationPrediction` divides its head's output by it
+            (``1 / ceil(max log1p value)`` of the data puts the targets on about ``[0, 1]`` in the head's units;
+            ``hf_scfm.tasks.perturbation`` sets it from the data).
         freeze_backbone: for :class:`CellFMForSequenceClassification`: do not train the backbone, only the head
             (the paper's cell-annotation protocol).
         retention_form: ``"linear"`` computes each head as ``Q (Kᵀ V)`` (cost linear in length, the default);
-            ``"quadratic"`` as ``(Q Kᵀ) V`` with :func:`hf_scfm.modeling.ops.linear_retention_reference` (for checks).
+            ``"quadratic"`` as ``(Q Kᵀ) V`` with :func:`~.retention.linear_retention_reference` (``retention.py``) (for checks).
         ssm_backend: ``"auto"`` | ``"torch"`` | ``"cuda"``, passed as ``backend=`` to
-            :func:`hf_scfm.modeling.ops.linear_retention`.
+            :func:`~.retention.linear_retention`.
         vocab_checksum: checksum of the tokenizer vocabulary the model was built for (``tokenizer.vocab_checksum``);
             :func:`hf_scfm.modeling.configuration_utils.check_tokenizer_matches` compares it.
         max_input_length: genes per cell the model is meant for (2,048 in the paper, ``<cls>`` included here).
@@ -136,6 +174,7 @@ class CellFMConfig(PresetMixin, PreTrainedConfig):
     classifier_num_layers: int = 1
     classifier_hidden_size: int | None = None
     classifier_dropout: float = 0.1
+    perturbation_value_scale: float = 1.0
     freeze_backbone: bool = False
     retention_form: str = "linear"
     ssm_backend: str = "auto"
@@ -169,6 +208,8 @@ class CellFMConfig(PresetMixin, PreTrainedConfig):
             raise ValueError(
                 f"classifier_num_layers must be 1, 2 or 3 (the paper's MLP head), got {self.classifier_num_layers}."
             )
+        if not self.perturbation_value_scale > 0:
+            raise ValueError(f"perturbation_value_scale must be positive, got {self.perturbation_value_scale}.")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}.")
         if self.retention_form not in _RETENTION_FORMS:
@@ -176,6 +217,7 @@ class CellFMConfig(PresetMixin, PreTrainedConfig):
         if self.ssm_backend not in _BACKENDS:
             raise ValueError(f"ssm_backend must be one of {_BACKENDS}, got {self.ssm_backend!r}.")
         super().__post_init__(**kwargs)
+        self.auto_map = {**CELLFM_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     @property
     def head_dim(self) -> int:
@@ -183,4 +225,8 @@ class CellFMConfig(PresetMixin, PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
 
-__all__ = ["CellFMConfig", "CELLFM_PAPER_VOCAB_SIZE"]
+# Remote code: ``save_pretrained`` copies this file (and the files it imports) next to ``config.json``; see
+# CELLFM_AUTO_MAP and the note at the end of configuration_mouse_genemamba.py.
+CellFMConfig._auto_class = "AutoConfig"
+
+__all__ = ["CELLFM_AUTO_MAP", "CellFMConfig", "CELLFM_PAPER_VOCAB_SIZE"]

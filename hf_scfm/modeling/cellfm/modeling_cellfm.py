@@ -20,6 +20,15 @@ Choices where the paper is silent (each explained where it lives):
 - the cell-level loss term is a bilinear read-out of each masked gene's value from ``<cls>`` and the gene's ID
   embedding (:class:`CellFMCellValueHead`);
 - SGLU width = ``d``, which puts the paper presets at 80 M / 800 M parameters.
+
+Auto classes (registered by ``import hf_scfm``; written into ``config.json``'s ``auto_map`` by ``save_pretrained``, so
+a checkpoint also loads with ``trust_remote_code=True`` where hf_scfm is not installed): ``AutoConfig``,
+``AutoModel`` -> :class:`CellFMModel`, ``AutoModelForPreTraining`` and ``hf_scfm.AutoModelForMaskedExpression`` ->
+:class:`CellFMForMaskedRegression` (one value per token, not vocabulary logits, so not ``AutoModelForMaskedLM``),
+``AutoModelForSequenceClassification`` -> :class:`CellFMForSequenceClassification`,
+``hf_scfm.AutoModelForPerturbationPrediction`` -> :class:`CellFMForPerturbationPrediction` (without hf_scfm:
+``get_class_from_dynamic_module("modeling_cellfm.CellFMForPerturbationPrediction", repo)``). The mapping is
+:data:`~.configuration_cellfm.CELLFM_AUTO_MAP`.
 """
 
 from __future__ import annotations
@@ -34,10 +43,9 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ..ops import linear_retention, linear_retention_reference
-from .configuration_cellfm import CellFMConfig
-
-IGNORE_LABEL = -100.0
+from .configuration_cellfm import CELLFM_AUTO_MAP, CellFMConfig
+from .retention import linear_retention, linear_retention_reference
+from .special_tokens import IGNORE_INDEX, SPECIAL_TOKENS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,6 +99,95 @@ class CellFMSequenceClassifierOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     cell_embedding: torch.FloatTensor | None = None
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba.MouseGeneMambaPerturbationOutput with MouseGeneMamba->CellFM
+@dataclass
+class CellFMPerturbationOutput(ModelOutput):
+    """Output of :class:`CellFMForPerturbationPrediction`.
+
+    Args:
+        loss: MSE over real gene positions where ``labels != -100`` (with labels).
+        predictions: ``[B, L]`` predicted perturbed ``log1p`` value per position; 0 at special tokens and padding.
+        hidden_states: with ``output_hidden_states=True``, as the backbone returns them.
+        cell_embedding: ``[B, d]`` the backbone's cell embedding.
+        last_hidden_state: ``[B, L, d]`` the backbone's last hidden states.
+    """
+
+    loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces every family shares (originals in modeling_mouse_genemamba.py; utils/check_copies.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba.sequence_classification_loss
+def sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of a sequence-classification head, by transformers' ``problem_type`` convention: ``regression`` (MSE)
+    when ``num_labels == 1``, ``single_label_classification`` (cross-entropy) for integer labels ``[B]``,
+    ``multi_label_classification`` (BCE with logits) for float multi-hot labels ``[B, num_labels]``. An unset
+    ``config.problem_type`` is inferred and stored. Computed in at least float32."""
+    labels = labels.to(logits.device)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(logits.shape[0]))
+    if config.problem_type == "single_label_classification":
+        if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"labels must be [batch] class ids, got shape {tuple(labels.shape)}.")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= config.num_labels):
+            raise ValueError(
+                f"labels hold classes in [{int(labels.min())}, {int(labels.max())}] but num_labels is "
+                f"{config.num_labels}; build the config with num_labels (or id2label) covering every class."
+            )
+        return F.cross_entropy(logits, labels.long())
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba._masked_mse
+def _masked_mse(predictions: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """MSE over the ``keep`` positions, in at least float32; a zero that still carries the graph when nothing is
+    kept (no NaN)."""
+    if not bool(keep.any()):
+        return predictions.sum() * 0.0
+    dtype = torch.promote_types(predictions.dtype, torch.float32)
+    return F.mse_loss(predictions[keep].to(dtype), labels[keep].to(dtype))
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba._perturbation_flags
+def _perturbation_flags(
+    perturbation_flags: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.LongTensor:
+    """Checked 0/1 flags ``[B, L]`` (int64, zero at padding); all zeros when ``perturbation_flags`` is ``None``."""
+    if input_ids is None:
+        raise ValueError("A perturbation model needs input_ids (the perturbation sentences' token ids).")
+    if perturbation_flags is None:
+        return torch.zeros_like(input_ids, dtype=torch.long)
+    if perturbation_flags.shape != input_ids.shape:
+        raise ValueError(
+            f"perturbation_flags has shape {tuple(perturbation_flags.shape)}, expected {tuple(input_ids.shape)} "
+            "(one 0/1 flag per token)."
+        )
+    flags = perturbation_flags.long()
+    if attention_mask is not None:
+        flags = flags.masked_fill(attention_mask == 0, 0)
+    if flags.numel() and (int(flags.min()) < 0 or int(flags.max()) > 1):
+        raise ValueError(
+            "perturbation_flags must be 0 (not perturbed) or 1 (perturbed) at every real token; "
+            f"got values in [{int(flags.min())}, {int(flags.max())}]."
+        )
+    return flags
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,7 +265,7 @@ class CellFMRetention(nn.Module):
         O = Q (Kᵀ V)                                                  (Kᵀ V first: O(L · d²/h), linear in L)
         out = (SiLU(X Wg) ⊙ RMSNorm_head(O)) Wo
 
-    Padding is masked out of ``K`` and ``V`` (inside :func:`hf_scfm.modeling.ops.linear_retention`), so padded
+    Padding is masked out of ``K`` and ``V`` (inside :func:`~.retention.linear_retention`), so padded
     positions never reach real ones. The output gate and the per-head normalisation follow RetNet's gated
     multi-scale retention (Sun et al. 2023, which CellFM modifies): RetNet normalises each head with GroupNorm
     because retention has no softmax denominator. We use a per-head RMS normalisation (GroupNorm without the mean
@@ -289,6 +386,11 @@ class CellFMPreTrainedModel(PreTrainedModel):
             init.ones_(module.head_norm_weight)
         elif isinstance(module, CellFMCellValueHead):
             init.zeros_(module.bias)
+        elif isinstance(module, CellFMPerturbationEmbedding):
+            # row 0 (not perturbed) zero, row 1 at the gene-ID embedding's scale; sliced, so check the loaded flag
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight)
+                init.normal_(module.weight[1], mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, CellFMValueEmbedding):
             init.zeros_(module.mask_embedding)
             init.constant_(module.alpha, self.config.value_embedding_alpha_init)
@@ -338,14 +440,19 @@ class CellFMModel(CellFMPreTrainedModel):
         attention_mask: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        extra_embeddings: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CellFMModelOutput | tuple:
+        """``extra_embeddings``: optional ``[B, L, d]`` added to the token embeddings before the first layer (the
+        perturbation head adds its perturbed-gene flag embedding this way)."""
         _check_inputs(self.config, input_ids, values, attention_mask)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         hidden = self.embeddings(input_ids, values)
+        if extra_embeddings is not None:
+            hidden = hidden + extra_embeddings
         all_hidden = (hidden,) if output_hidden_states else None
         for layer in self.layers:
             hidden = layer(hidden, attention_mask)
@@ -397,14 +504,6 @@ class CellFMCellValueHead(nn.Module):
         return torch.einsum("bd,bld->bl", self.cell_proj(cell_embedding), genes) + self.bias
 
 
-def _masked_mse(predictions: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over ``selected`` positions; 0 (with a gradient path) when nothing is selected."""
-    if not bool(selected.any()):
-        return predictions.sum() * 0.0
-    diff = predictions[selected].float() - labels[selected].float()
-    return diff.pow(2).mean()
-
-
 class CellFMForMaskedRegression(CellFMPreTrainedModel):
     """CellFM pretraining: regress masked genes' values.
 
@@ -450,7 +549,7 @@ class CellFMForMaskedRegression(CellFMPreTrainedModel):
                     f"`labels` has shape {tuple(labels.shape)} but `input_ids` has {tuple(input_ids.shape)}: "
                     "masked regression wants one float label per token (-100 where not masked)."
                 )
-            selected = labels != IGNORE_LABEL
+            selected = labels != IGNORE_INDEX
             if attention_mask is not None:
                 selected = selected & attention_mask.bool()
             if bool((selected & (values != self.config.mask_value)).any()):
@@ -537,10 +636,7 @@ class CellFMForSequenceClassification(CellFMPreTrainedModel):
         logits = self.head(out.cell_embedding)
         loss = None
         if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
-            else:
-                loss = F.cross_entropy(logits.float(), labels.long())
+            loss = sequence_classification_loss(self.config, logits, labels)
         if not return_dict:
             return tuple(v for v in (loss, logits, out.hidden_states, out.cell_embedding) if v is not None)
         return CellFMSequenceClassifierOutput(
@@ -548,12 +644,120 @@ class CellFMForSequenceClassification(CellFMPreTrainedModel):
         )
 
 
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba.MouseGeneMambaPerturbationEmbedding with MouseGeneMamba->CellFM
+class CellFMPerturbationEmbedding(nn.Embedding):
+    """The perturbed-gene flag embedding: 2 rows of width ``d`` (0 = not perturbed, 1 = perturbed) added to every
+    token's embedding. Row 0 starts at zero, so an unflagged sentence is the backbone's own input; row 1 starts at the
+    scale of the token embedding it is added to (``_init_weights``): a flag far smaller than the tokens would spend
+    the first fine-tuning steps growing."""
+
+    def __init__(self, config: CellFMConfig):
+        super().__init__(2, config.hidden_size)
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba.MouseGeneMambaPerturbationHead with MouseGeneMamba->CellFM
+class CellFMPerturbationHead(nn.Module):
+    """Per-position MLP ``Linear(d, d) -> GELU -> Linear(d, 1)`` regressing the perturbed ``log1p`` value, divided by
+    ``config.perturbation_value_scale``: the data's values span about ``[0, 1 / scale]``, so a unit-scale output
+    covers their range."""
+
+    def __init__(self, config: CellFMConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, 1)
+        self.value_scale = config.perturbation_value_scale
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.gelu(self.dense(hidden_states))).squeeze(-1) / self.value_scale
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba.MouseGeneMambaForPerturbationPrediction with MouseGeneMamba->CellFM, self.backbone->self.cellfm
+class CellFMForPerturbationPrediction(CellFMPreTrainedModel):
+    """Predict a perturbed cell's ``log1p`` profile from a control cell and the perturbed genes (the SC-MAMBA2
+    paper's set-up, its section 4.5, on this family's backbone).
+
+    Inputs: ``values`` = the control cell's ``log1p(x_norm)`` values (every gene of the panel, zeros included, so a
+    perturbed gene has a position), ``perturbation_flags`` ``[B, L]`` int (1 = this gene is perturbed, 0 = not;
+    ignored at padding; ``None`` = nothing perturbed). :class:`CellFMPerturbationEmbedding` of the flags is
+    added to every token's embedding (``extra_embeddings`` of the backbone), and
+    :class:`CellFMPerturbationHead` regresses the perturbed value at every position from the last hidden
+    state. ``predictions`` are 0 at special tokens (ids < 6) and padding. Loss: MSE over real gene positions where
+    ``labels != -100``.
+
+    ``from_pretrained`` of a pretraining checkpoint keeps the backbone and initialises the flag embedding and the
+    head; ``hf_scfm.tasks.perturbation`` builds, fine-tunes and evaluates it on GEARS-layout data.
+    """
+
+    def __init__(self, config: CellFMConfig):
+        super().__init__(config)
+        self.cellfm = CellFMModel(config)
+        self.perturbation_embedding = CellFMPerturbationEmbedding(config)
+        self.perturbation_head = CellFMPerturbationHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        perturbation_flags: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CellFMPerturbationOutput | tuple:
+        """``labels``: ``[B, L]`` float, the perturbed cell's value per token, -100 where ignored."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        flags = _perturbation_flags(perturbation_flags, input_ids, attention_mask)
+        out = self.cellfm(
+            input_ids,
+            values=values,
+            attention_mask=attention_mask,
+            extra_embeddings=self.perturbation_embedding(flags),
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        predictions = self.perturbation_head(out.last_hidden_state)
+        real = input_ids >= len(SPECIAL_TOKENS)
+        if attention_mask is not None:
+            real = real & attention_mask.bool()
+        predictions = predictions * real.to(predictions.dtype)
+        loss = None
+        if labels is not None:
+            if labels.shape != predictions.shape:
+                raise ValueError(
+                    f"labels have shape {tuple(labels.shape)}, expected {tuple(predictions.shape)} (the perturbed "
+                    "log1p value per token, -100 at specials and padding)."
+                )
+            loss = _masked_mse(predictions, labels, real & (labels != IGNORE_INDEX))
+        if not return_dict:
+            rest = (predictions, out.hidden_states, out.cell_embedding, out.last_hidden_state)
+            return tuple(v for v in ((loss,) if loss is not None else ()) + rest if v is not None)
+        return CellFMPerturbationOutput(
+            loss=loss,
+            predictions=predictions,
+            hidden_states=out.hidden_states,
+            cell_embedding=out.cell_embedding,
+            last_hidden_state=out.last_hidden_state,
+        )
+
+
+# Remote code: see the note at the end of modeling_mouse_genemamba.py.
+for _auto_class, _reference in CELLFM_AUTO_MAP.items():
+    _class = globals()[_reference.rsplit(".", 1)[1]]
+    if "_auto_class" not in vars(_class):
+        _class._auto_class = _auto_class
+del _auto_class, _reference, _class
+
 __all__ = [
     "CellFMPreTrainedModel",
     "CellFMModel",
     "CellFMForMaskedRegression",
     "CellFMForSequenceClassification",
+    "CellFMForPerturbationPrediction",
     "CellFMModelOutput",
+    "CellFMPerturbationOutput",
     "CellFMMaskedRegressionOutput",
     "CellFMSequenceClassifierOutput",
 ]

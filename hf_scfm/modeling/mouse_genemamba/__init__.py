@@ -1,8 +1,12 @@
 """Mouse-GeneMamba (seed paper 000): a Mamba-1 gene language model for mouse single-cell data.
 
-Importing this subpackage registers the config and models with the transformers Auto classes
-(``AutoConfig``, ``AutoModel``, ``AutoModelForCausalLM``, ``AutoModelForMaskedLM``,
-``AutoModelForSequenceClassification``) under ``model_type="mouse_genemamba"``.
+``model_type="mouse_genemamba"``. Auto classes (registered by ``import hf_scfm``, and written into every
+``config.json``'s ``auto_map`` for ``trust_remote_code`` loading): ``AutoConfig``, ``AutoModel``
+(:class:`MouseGeneMambaModel`), ``AutoModelForCausalLM`` and ``AutoModelForPreTraining``
+(:class:`MouseGeneMambaForCausalLM`), ``AutoModelForMaskedLM`` (:class:`MouseGeneMambaForMaskedLM`),
+``AutoModelForSequenceClassification`` and ``hf_scfm.AutoModelForPerturbationPrediction``
+(:class:`MouseGeneMambaForPerturbationPrediction`). Importing this package imports nothing heavy: classes load on
+first access.
 
 Five lines from real mouse cells to next-gene logits and cell embeddings::
 
@@ -15,38 +19,12 @@ Five lines from real mouse cells to next-gene logits and cell embeddings::
 ``out.logits`` ``[8, 128, 78323]`` are the next-gene logits and ``out.cell_embedding`` ``[8, 64]`` the cells.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-)
+from typing import TYPE_CHECKING
 
-from .configuration_mouse_genemamba import MouseGeneMambaConfig
-from .modeling_mouse_genemamba import (
-    MouseGeneMambaCache,
-    MouseGeneMambaForCausalLM,
-    MouseGeneMambaForMaskedLM,
-    MouseGeneMambaForSequenceClassification,
-    MouseGeneMambaModel,
-    MouseGeneMambaPreTrainedModel,
-)
+from .. import lazy_exports
 
-AutoConfig.register(MouseGeneMambaConfig.model_type, MouseGeneMambaConfig, exist_ok=True)
-AutoModel.register(MouseGeneMambaConfig, MouseGeneMambaModel, exist_ok=True)
-AutoModelForCausalLM.register(MouseGeneMambaConfig, MouseGeneMambaForCausalLM, exist_ok=True)
-AutoModelForMaskedLM.register(MouseGeneMambaConfig, MouseGeneMambaForMaskedLM, exist_ok=True)
-AutoModelForSequenceClassification.register(
-    MouseGeneMambaConfig, MouseGeneMambaForSequenceClassification, exist_ok=True
-)
+if TYPE_CHECKING:
+    from .configuration_mouse_genemamba import *  # noqa: F401,F403
+    from .modeling_mouse_genemamba import *  # noqa: F401,F403
 
-__all__ = [
-    "MouseGeneMambaCache",
-    "MouseGeneMambaConfig",
-    "MouseGeneMambaForCausalLM",
-    "MouseGeneMambaForMaskedLM",
-    "MouseGeneMambaForSequenceClassification",
-    "MouseGeneMambaModel",
-    "MouseGeneMambaPreTrainedModel",
-]
+__getattr__, __dir__ = lazy_exports(__name__, __file__, ("configuration_mouse_genemamba", "modeling_mouse_genemamba"))

@@ -3,26 +3,62 @@ mouse cell sentences."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from ...tokenization.special_tokens import (
+from .special_tokens import (
     BOS_TOKEN_ID,
     CLS_TOKEN_ID,
     EOS_TOKEN_ID,
     MASK_TOKEN_ID,
+    MOUSE_VOCAB_SIZE,
     PAD_TOKEN_ID,
     SPECIAL_VALUE,
 )
-from ...tokenization.special_tokens import MOUSE_VOCAB_SIZE
-from ..configuration_utils import PresetMixin
+
+#: The family's Auto classes, as ``config.json``'s ``auto_map`` holds them (``"<file>.<Class>"``): every
+#: ``save_pretrained`` writes this map (so the checkpoint loads with ``trust_remote_code=True`` without hf_scfm), and
+#: ``import hf_scfm`` registers it with transformers' Auto classes (lazily). ``AutoModelForPerturbationPrediction``
+#: is hf_scfm's own Auto class (``hf_scfm.AutoModelForPerturbationPrediction``).
+MOUSE_GENEMAMBA_AUTO_MAP = {
+    "AutoConfig": "configuration_mouse_genemamba.MouseGeneMambaConfig",
+    "AutoModel": "modeling_mouse_genemamba.MouseGeneMambaModel",
+    "AutoModelForCausalLM": "modeling_mouse_genemamba.MouseGeneMambaForCausalLM",
+    "AutoModelForPreTraining": "modeling_mouse_genemamba.MouseGeneMambaForCausalLM",
+    "AutoModelForMaskedLM": "modeling_mouse_genemamba.MouseGeneMambaForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_mouse_genemamba.MouseGeneMambaForSequenceClassification",
+    "AutoModelForPerturbationPrediction": "modeling_mouse_genemamba.MouseGeneMambaForPerturbationPrediction",
+}
 
 
 _POOLINGS = ("mean", "last")
 _BACKENDS = ("auto", "torch", "cuda")
+
+
+# Copied from hf_scfm.modeling.configuration_utils.PresetMixin
+class PresetMixin:
+    """Adds ``Config.from_preset(name, **overrides)`` to a ``PreTrainedConfig`` subclass.
+
+    A family lists its presets in the class attribute ``PRESETS`` (name -> keyword arguments).
+    ``"tiny"`` always exists: a model small enough for CPU tests and demos.
+    """
+
+    PRESETS: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(
+                f"Unknown {cls.__name__} preset {name!r}. Available presets: {sorted(cls.PRESETS)}. "
+                f"Pass one of those names, or build the config directly: {cls.__name__}(**kwargs)."
+            )
+        kwargs = copy.deepcopy(cls.PRESETS[name])
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
 
 @strict(accept_kwargs=True)
@@ -65,8 +101,11 @@ class MouseGeneMambaConfig(PresetMixin, PreTrainedConfig):
             tokenizer gives special tokens: in a rank sentence every gene is expressed (value > 0), so 0 reads as
             "no measured value".
         classifier_dropout: dropout inside the sequence-classification head.
+        perturbation_value_scale: :class:`MouseGeneMambaForPerturbationPrediction` divides its head's output by it
+            (``1 / ceil(max log1p value)`` of the data puts the targets on about ``[0, 1]`` in the head's units;
+            ``hf_scfm.tasks.perturbation`` sets it from the data).
         ssm_backend: ``"auto"`` | ``"torch"`` | ``"cuda"``, passed as ``backend=`` to the selective-scan and
-            causal-conv ops of :mod:`hf_scfm.modeling.ops`.
+            causal-conv ops beside the modeling file (``selective_scan.py``, ``conv.py``).
         vocab_checksum: checksum of the tokenizer vocabulary the model was built for (``tokenizer.vocab_checksum``);
             :func:`hf_scfm.modeling.configuration_utils.check_tokenizer_matches` compares it.
         max_input_length: sentence length (tokens, specials included) the model is meant for. Informational:
@@ -125,6 +164,7 @@ class MouseGeneMambaConfig(PresetMixin, PreTrainedConfig):
     pooling: str = "mean"
     generated_value: float = SPECIAL_VALUE
     classifier_dropout: float = 0.1
+    perturbation_value_scale: float = 1.0
     ssm_backend: str = "auto"
     vocab_checksum: str | None = None
     max_input_length: int = 2048
@@ -155,7 +195,10 @@ class MouseGeneMambaConfig(PresetMixin, PreTrainedConfig):
             raise ValueError(
                 f"Need 0 < time_step_min <= time_step_max, got {self.time_step_min} and {self.time_step_max}."
             )
+        if not self.perturbation_value_scale > 0:
+            raise ValueError(f"perturbation_value_scale must be positive, got {self.perturbation_value_scale}.")
         super().__post_init__(**kwargs)
+        self.auto_map = {**MOUSE_GENEMAMBA_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     @property
     def intermediate_size(self) -> int:
@@ -163,4 +206,9 @@ class MouseGeneMambaConfig(PresetMixin, PreTrainedConfig):
         return self.expand * self.hidden_size
 
 
-__all__ = ["MouseGeneMambaConfig"]
+# Remote code: ``save_pretrained`` copies this file (and the files it imports) next to ``config.json``; see
+# MOUSE_GENEMAMBA_AUTO_MAP. (``register_for_auto_class()`` sets the same attribute, but imports transformers' Auto
+# modules to validate the name.)
+MouseGeneMambaConfig._auto_class = "AutoConfig"
+
+__all__ = ["MOUSE_GENEMAMBA_AUTO_MAP", "MouseGeneMambaConfig"]

@@ -4,11 +4,21 @@ Read top to bottom:
 
 1. :class:`MouseGeneMambaEmbeddings`: gene embedding + expression-value embedding (summed).
 2. :class:`MouseGeneMambaMixer`: one Mamba-1 selective SSM (Gu & Dao 2023, Algorithm 2), written from the
-   paper's equations on top of the ops in :mod:`hf_scfm.modeling.ops`.
+   paper's equations on top of the ops beside this file (``selective_scan.py``, ``conv.py``).
 3. :class:`MouseGeneMambaBlock`: pre-norm residual block ``h + Mixer(RMSNorm(h))``.
 4. :class:`MouseGeneMambaCache`: the recurrent state used by ``generate`` (conv window + SSM state per block).
 5. :class:`MouseGeneMambaModel` and the heads: causal LM (the paper's next-gene prediction), masked LM (the
-   paper's comparison) and sequence classification (cell type from the cell embedding).
+   paper's comparison), sequence classification (cell type from the cell embedding) and perturbation prediction.
+
+Auto classes (registered by ``import hf_scfm``; written into ``config.json``'s ``auto_map`` by ``save_pretrained``, so
+a checkpoint also loads with ``trust_remote_code=True`` where hf_scfm is not installed): ``AutoConfig``,
+``AutoModel`` -> :class:`MouseGeneMambaModel`, ``AutoModelForCausalLM`` and ``AutoModelForPreTraining`` ->
+:class:`MouseGeneMambaForCausalLM`, ``AutoModelForMaskedLM`` -> :class:`MouseGeneMambaForMaskedLM` (vocabulary
+logits, as the class means in transformers), ``AutoModelForSequenceClassification`` ->
+:class:`MouseGeneMambaForSequenceClassification`, ``hf_scfm.AutoModelForPerturbationPrediction`` ->
+:class:`MouseGeneMambaForPerturbationPrediction` (without hf_scfm: ``get_class_from_dynamic_module(
+"modeling_mouse_genemamba.MouseGeneMambaForPerturbationPrediction", repo)``). The mapping is
+:data:`~.configuration_mouse_genemamba.MOUSE_GENEMAMBA_AUTO_MAP`.
 
 Padding: tokenizers pad on the right with ``<pad>`` and an ``attention_mask``. Every block zeroes padded
 positions of its inner stream before the causal convolution and again before the selective scan, so padding
@@ -30,9 +40,10 @@ from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ...tokenization.special_tokens import IGNORE_INDEX
-from ..ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
-from .configuration_mouse_genemamba import MouseGeneMambaConfig
+from .configuration_mouse_genemamba import MOUSE_GENEMAMBA_AUTO_MAP, MouseGeneMambaConfig
+from .conv import causal_conv1d, causal_conv1d_update
+from .selective_scan import selective_scan, selective_state_update
+from .special_tokens import IGNORE_INDEX, SPECIAL_TOKENS
 
 # The keyword under which this transformers' `generate` carries a recurrent cache from step to step (and reorders it
 # for beam search): `cache` since transformers 5.24, `cache_params` before. The model's own keyword is `cache`.
@@ -96,13 +107,120 @@ class MouseGeneMambaSequenceClassifierOutput(ModelOutput):
     cell_embedding: torch.Tensor | None = None
 
 
+@dataclass
+class MouseGeneMambaPerturbationOutput(ModelOutput):
+    """Output of :class:`MouseGeneMambaForPerturbationPrediction`.
+
+    Args:
+        loss: MSE over real gene positions where ``labels != -100`` (with labels).
+        predictions: ``[B, L]`` predicted perturbed ``log1p`` value per position; 0 at special tokens and padding.
+        hidden_states: with ``output_hidden_states=True``, as the backbone returns them.
+        cell_embedding: ``[B, d]`` the backbone's cell embedding.
+        last_hidden_state: ``[B, L, d]`` the backbone's last hidden states.
+    """
+
+    loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pieces every family shares (copied into the others' modeling files, checked by utils/check_copies.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pool_cell_embedding(
+    hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
+) -> torch.Tensor:
+    """The cell embedding ``[B, d]`` read from last hidden states ``[B, L, d]``: ``"cls"`` the first position,
+    ``"mean"`` the mean over real tokens (``attention_mask == 1``; every token when the mask is ``None``), ``"last"``
+    the last real token."""
+    if pooling == "cls":
+        return hidden_states[:, 0]
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+    mask = attention_mask.to(hidden_states.dtype)
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * (mask > 0)).amax(dim=1)
+        return hidden_states[torch.arange(mask.shape[0], device=mask.device), last]
+    if pooling == "mean":
+        summed = (hidden_states * mask.unsqueeze(-1)).sum(dim=1)
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    raise ValueError(f"pooling must be 'cls', 'mean' or 'last', got {pooling!r}.")
+
+
+def sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of a sequence-classification head, by transformers' ``problem_type`` convention: ``regression`` (MSE)
+    when ``num_labels == 1``, ``single_label_classification`` (cross-entropy) for integer labels ``[B]``,
+    ``multi_label_classification`` (BCE with logits) for float multi-hot labels ``[B, num_labels]``. An unset
+    ``config.problem_type`` is inferred and stored. Computed in at least float32."""
+    labels = labels.to(logits.device)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(logits.shape[0]))
+    if config.problem_type == "single_label_classification":
+        if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"labels must be [batch] class ids, got shape {tuple(labels.shape)}.")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= config.num_labels):
+            raise ValueError(
+                f"labels hold classes in [{int(labels.min())}, {int(labels.max())}] but num_labels is "
+                f"{config.num_labels}; build the config with num_labels (or id2label) covering every class."
+            )
+        return F.cross_entropy(logits, labels.long())
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def _masked_mse(predictions: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """MSE over the ``keep`` positions, in at least float32; a zero that still carries the graph when nothing is
+    kept (no NaN)."""
+    if not bool(keep.any()):
+        return predictions.sum() * 0.0
+    dtype = torch.promote_types(predictions.dtype, torch.float32)
+    return F.mse_loss(predictions[keep].to(dtype), labels[keep].to(dtype))
+
+
+def _perturbation_flags(
+    perturbation_flags: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.LongTensor:
+    """Checked 0/1 flags ``[B, L]`` (int64, zero at padding); all zeros when ``perturbation_flags`` is ``None``."""
+    if input_ids is None:
+        raise ValueError("A perturbation model needs input_ids (the perturbation sentences' token ids).")
+    if perturbation_flags is None:
+        return torch.zeros_like(input_ids, dtype=torch.long)
+    if perturbation_flags.shape != input_ids.shape:
+        raise ValueError(
+            f"perturbation_flags has shape {tuple(perturbation_flags.shape)}, expected {tuple(input_ids.shape)} "
+            "(one 0/1 flag per token)."
+        )
+    flags = perturbation_flags.long()
+    if attention_mask is not None:
+        flags = flags.masked_fill(attention_mask == 0, 0)
+    if flags.numel() and (int(flags.min()) < 0 or int(flags.max()) > 1):
+        raise ValueError(
+            "perturbation_flags must be 0 (not perturbed) or 1 (perturbed) at every real token; "
+            f"got values in [{int(flags.min())}, {int(flags.max())}]."
+        )
+    return flags
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Layers
 # --------------------------------------------------------------------------------------------------------------
 
 
 class MouseGeneMambaRMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019): ``x / sqrt(mean(x²) + eps) * weight``, computed in float32."""
+    """RMSNorm (Zhang & Sennrich 2019): ``x / sqrt(mean(x²) + eps) * weight``, computed in at least float32 (half
+    precision is normalised in float32, float64 stays float64); the weight multiplies the result in the input's dtype."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -111,7 +229,7 @@ class MouseGeneMambaRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
-        h = hidden_states.float()
+        h = hidden_states.to(torch.promote_types(dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 
@@ -382,7 +500,7 @@ class MouseGeneMambaPreTrainedModel(PreTrainedModel):
         """Normal(0, initializer_range) for embeddings and linear maps, ones for norms, and Mamba's own init for the
         mixer: S4D-real ``A_log = log(1..N)``, ``D = 1``, ``dt_proj`` so that ``softplus(bias)`` is log-uniform in
         ``[time_step_min, time_step_max]``, PyTorch's default conv init, and (``rescale_prenorm_residual``)
-        ``out_proj`` std divided by ``sqrt(num_hidden_layers)``."""
+        ``out_proj`` std divided by ``sqrt(num_hidden_layers)``; the perturbation flag embedding as its class says."""
         cfg = self.config
         std = cfg.initializer_range
         if isinstance(module, MouseGeneMambaMixer):
@@ -405,9 +523,14 @@ class MouseGeneMambaPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, MouseGeneMambaPerturbationEmbedding):
+            # row 0 (not perturbed) zero, row 1 at the gene embedding's scale; sliced, so check the loaded flag here
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight)
+                init.normal_(module.weight[1], mean=0.0, std=std)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
                 init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, MouseGeneMambaRMSNorm):
             init.ones_(module.weight)
@@ -434,7 +557,8 @@ class MouseGeneMambaPreTrainedModel(PreTrainedModel):
 class MouseGeneMambaModel(MouseGeneMambaPreTrainedModel):
     """The Mouse-GeneMamba backbone: embeddings, ``num_hidden_layers`` Mamba blocks, final RMSNorm.
 
-    Returns the last hidden states and a cell embedding over real tokens only (``config.pooling``: ``"mean"`` over
+    Returns the last hidden states and a cell embedding over real tokens only (:func:`pool_cell_embedding` with
+    ``config.pooling``: ``"mean"`` over
     positions with ``attention_mask == 1``, ``<bos>``/``<eos>`` included, since ``<eos>`` has read the whole
     sentence and ``<bos>`` adds the same vector to every cell; or ``"last"``: the last real token).
     """
@@ -453,18 +577,6 @@ class MouseGeneMambaModel(MouseGeneMambaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings.gene_embeddings = value
 
-    def pool(self, last_hidden_state: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Cell embedding ``[B, d]`` from ``last_hidden_state [B, L, d]`` over real tokens (see class docstring)."""
-        if attention_mask is None:
-            attention_mask = torch.ones(last_hidden_state.shape[:2], device=last_hidden_state.device)
-        mask = attention_mask.to(last_hidden_state.dtype)
-        if self.config.pooling == "last":
-            positions = torch.arange(mask.shape[1], device=mask.device)
-            last = (positions * (mask > 0)).amax(dim=1)
-            return last_hidden_state[torch.arange(mask.shape[0], device=mask.device), last]
-        summed = (last_hidden_state * mask.unsqueeze(-1)).sum(dim=1)
-        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -474,6 +586,7 @@ class MouseGeneMambaModel(MouseGeneMambaPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        extra_embeddings: torch.Tensor | None = None,
     ) -> MouseGeneMambaModelOutput | tuple:
         """Args:
             input_ids: ``[B, L]`` gene/special token ids (tokenizer output).
@@ -483,6 +596,8 @@ class MouseGeneMambaModel(MouseGeneMambaPreTrainedModel):
             cache: a :class:`MouseGeneMambaCache` to continue from (recurrent decoding).
             use_cache: return the recurrent state (a new cache is made if none is passed). Default ``False``;
                 ``generate`` turns it on.
+            extra_embeddings: optional ``[B, L, d]`` added to the token embeddings before the first block (the
+                perturbation head adds its perturbed-gene flag embedding this way).
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -497,6 +612,8 @@ class MouseGeneMambaModel(MouseGeneMambaPreTrainedModel):
         decoding = cache is not None and cache.seqlen_offset > 0
 
         hidden_states = self.embeddings(input_ids, values)
+        if extra_embeddings is not None:
+            hidden_states = hidden_states + extra_embeddings
         if use_cache and cache is None:
             cache = MouseGeneMambaCache(
                 self.config, input_ids.shape[0], dtype=hidden_states.dtype, device=hidden_states.device
@@ -509,7 +626,7 @@ class MouseGeneMambaModel(MouseGeneMambaPreTrainedModel):
         hidden_states = self.norm_f(hidden_states)
         if cache is not None:
             cache.seqlen_offset += input_ids.shape[1]
-        cell_embedding = None if decoding else self.pool(hidden_states, attention_mask)
+        cell_embedding = None if decoding else pool_cell_embedding(hidden_states, attention_mask, self.config.pooling)
 
         if not use_cache:
             cache = None
@@ -795,8 +912,8 @@ class MouseGeneMambaForMaskedLM(_MouseGeneMambaWithGeneHead):
 class MouseGeneMambaForSequenceClassification(MouseGeneMambaPreTrainedModel):
     """Cell-type classification (the paper's downstream task) from the cell embedding.
 
-    Head: ``Linear(d, d) -> GELU -> Dropout(classifier_dropout) -> Linear(d, num_labels)`` on
-    :meth:`MouseGeneMambaModel.pool` output. Loss follows ``config.problem_type`` as in transformers: regression
+    Head: ``Linear(d, d) -> GELU -> Dropout(classifier_dropout) -> Linear(d, num_labels)`` on the backbone's
+    ``cell_embedding``. Loss follows ``config.problem_type`` as in transformers: regression
     (MSE) when ``num_labels == 1``, single-label cross-entropy for integer labels, multi-label BCE for float labels
     of shape ``[B, num_labels]``. Put the label names in ``id2label`` / ``label2id``.
     """
@@ -812,12 +929,6 @@ class MouseGeneMambaForSequenceClassification(MouseGeneMambaPreTrainedModel):
             nn.Linear(config.hidden_size, config.num_labels),
         )
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.backbone.set_input_embeddings(value)
 
     def forward(
         self,
@@ -840,7 +951,7 @@ class MouseGeneMambaForSequenceClassification(MouseGeneMambaPreTrainedModel):
         logits = self.classifier(outputs.cell_embedding)
         loss = None
         if labels is not None:
-            loss = self._classification_loss(logits, labels.to(logits.device))
+            loss = sequence_classification_loss(self.config, logits, labels)
         if not return_dict:
             out = tuple(v for v in (logits, outputs.hidden_states, outputs.cell_embedding) if v is not None)
             return (loss,) + out if loss is not None else out
@@ -848,33 +959,124 @@ class MouseGeneMambaForSequenceClassification(MouseGeneMambaPreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, cell_embedding=outputs.cell_embedding
         )
 
-    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.config.problem_type is None:
-            if self.num_labels == 1:
-                self.config.problem_type = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                self.config.problem_type = "single_label_classification"
-            else:
-                self.config.problem_type = "multi_label_classification"
-        if self.config.problem_type == "regression":
-            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(logits.shape[0]))
-        if self.config.problem_type == "single_label_classification":
-            if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
-                raise ValueError(f"labels must be [batch] class ids, got shape {tuple(labels.shape)}.")
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
+
+class MouseGeneMambaPerturbationEmbedding(nn.Embedding):
+    """The perturbed-gene flag embedding: 2 rows of width ``d`` (0 = not perturbed, 1 = perturbed) added to every
+    token's embedding. Row 0 starts at zero, so an unflagged sentence is the backbone's own input; row 1 starts at the
+    scale of the token embedding it is added to (``_init_weights``): a flag far smaller than the tokens would spend
+    the first fine-tuning steps growing."""
+
+    def __init__(self, config: MouseGeneMambaConfig):
+        super().__init__(2, config.hidden_size)
+
+
+class MouseGeneMambaPerturbationHead(nn.Module):
+    """Per-position MLP ``Linear(d, d) -> GELU -> Linear(d, 1)`` regressing the perturbed ``log1p`` value, divided by
+    ``config.perturbation_value_scale``: the data's values span about ``[0, 1 / scale]``, so a unit-scale output
+    covers their range."""
+
+    def __init__(self, config: MouseGeneMambaConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, 1)
+        self.value_scale = config.perturbation_value_scale
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.gelu(self.dense(hidden_states))).squeeze(-1) / self.value_scale
+
+
+class MouseGeneMambaForPerturbationPrediction(MouseGeneMambaPreTrainedModel):
+    """Predict a perturbed cell's ``log1p`` profile from a control cell and the perturbed genes (the SC-MAMBA2
+    paper's set-up, its section 4.5, on this family's backbone).
+
+    Inputs: ``values`` = the control cell's ``log1p(x_norm)`` values (every gene of the panel, zeros included, so a
+    perturbed gene has a position), ``perturbation_flags`` ``[B, L]`` int (1 = this gene is perturbed, 0 = not;
+    ignored at padding; ``None`` = nothing perturbed). :class:`MouseGeneMambaPerturbationEmbedding` of the flags is
+    added to every token's embedding (``extra_embeddings`` of the backbone), and
+    :class:`MouseGeneMambaPerturbationHead` regresses the perturbed value at every position from the last hidden
+    state. ``predictions`` are 0 at special tokens (ids < 6) and padding. Loss: MSE over real gene positions where
+    ``labels != -100``.
+
+    ``from_pretrained`` of a pretraining checkpoint keeps the backbone and initialises the flag embedding and the
+    head; ``hf_scfm.tasks.perturbation`` builds, fine-tunes and evaluates it on GEARS-layout data.
+    """
+
+    def __init__(self, config: MouseGeneMambaConfig):
+        super().__init__(config)
+        self.backbone = MouseGeneMambaModel(config)
+        self.perturbation_embedding = MouseGeneMambaPerturbationEmbedding(config)
+        self.perturbation_head = MouseGeneMambaPerturbationHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        perturbation_flags: torch.LongTensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MouseGeneMambaPerturbationOutput | tuple:
+        """``labels``: ``[B, L]`` float, the perturbed cell's value per token, -100 where ignored."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        flags = _perturbation_flags(perturbation_flags, input_ids, attention_mask)
+        out = self.backbone(
+            input_ids,
+            values=values,
+            attention_mask=attention_mask,
+            extra_embeddings=self.perturbation_embedding(flags),
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        predictions = self.perturbation_head(out.last_hidden_state)
+        real = input_ids >= len(SPECIAL_TOKENS)
+        if attention_mask is not None:
+            real = real & attention_mask.bool()
+        predictions = predictions * real.to(predictions.dtype)
+        loss = None
+        if labels is not None:
+            if labels.shape != predictions.shape:
                 raise ValueError(
-                    f"labels hold classes in [{int(labels.min())}, {int(labels.max())}] but num_labels is "
-                    f"{self.num_labels}; build the config with num_labels (or id2label) covering every class."
+                    f"labels have shape {tuple(labels.shape)}, expected {tuple(predictions.shape)} (the perturbed "
+                    "log1p value per token, -100 at specials and padding)."
                 )
-            return F.cross_entropy(logits, labels.long())
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            loss = _masked_mse(predictions, labels, real & (labels != IGNORE_INDEX))
+        if not return_dict:
+            rest = (predictions, out.hidden_states, out.cell_embedding, out.last_hidden_state)
+            return tuple(v for v in ((loss,) if loss is not None else ()) + rest if v is not None)
+        return MouseGeneMambaPerturbationOutput(
+            loss=loss,
+            predictions=predictions,
+            hidden_states=out.hidden_states,
+            cell_embedding=out.cell_embedding,
+            last_hidden_state=out.last_hidden_state,
+        )
+
+
+# Remote code: a model class with an Auto class makes ``save_pretrained`` / ``push_to_hub`` copy this file and the files
+# it imports (``from .x import y``) next to the weights, and the config writes MOUSE_GENEMAMBA_AUTO_MAP into
+# ``config.json``'s ``auto_map``. ``_auto_class`` is what ``register_for_auto_class`` sets; it is set directly because
+# that method accepts transformers' own Auto class names only (tests/test_remote_code.py pins the behaviour).
+for _auto_class, _reference in MOUSE_GENEMAMBA_AUTO_MAP.items():
+    _class = globals()[_reference.rsplit(".", 1)[1]]
+    if "_auto_class" not in vars(_class):
+        _class._auto_class = _auto_class
+del _auto_class, _reference, _class
 
 
 __all__ = [
     "MouseGeneMambaCache",
+    "MouseGeneMambaCausalLMOutput",
     "MouseGeneMambaForCausalLM",
     "MouseGeneMambaForMaskedLM",
+    "MouseGeneMambaForPerturbationPrediction",
     "MouseGeneMambaForSequenceClassification",
+    "MouseGeneMambaMaskedLMOutput",
     "MouseGeneMambaModel",
+    "MouseGeneMambaModelOutput",
+    "MouseGeneMambaPerturbationOutput",
     "MouseGeneMambaPreTrainedModel",
+    "MouseGeneMambaSequenceClassifierOutput",
 ]

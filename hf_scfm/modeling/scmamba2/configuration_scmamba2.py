@@ -3,12 +3,13 @@ whole-transcriptome cell sequences, pretrained by masked-expression regression."
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from ...tokenization.special_tokens import (
+from .special_tokens import (
     BOS_TOKEN_ID,
     CLS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -18,7 +19,6 @@ from ...tokenization.special_tokens import (
     PAD_TOKEN_ID,
     SPECIAL_TOKENS,
 )
-from ..configuration_utils import PresetMixin
 
 #: The paper's vocabulary: 60,530 CELLxGENE genes (seed 001/002). Our presets add our 6 special tokens.
 PAPER_NUM_GENES = 60_530
@@ -45,6 +45,41 @@ def _paper_scale(hidden_size: int, num_hidden_layers: int) -> dict[str, Any]:
     )
 
 
+#: The family's Auto classes, as ``config.json``'s ``auto_map`` holds them (``"<file>.<Class>"``): every
+#: ``save_pretrained`` writes this map (so the checkpoint loads with ``trust_remote_code=True`` without hf_scfm), and
+#: ``import hf_scfm`` registers it with transformers' Auto classes (lazily). ``AutoModelForMaskedExpression`` and
+#: ``AutoModelForPerturbationPrediction`` are hf_scfm's own Auto classes (``hf_scfm.AutoModelFor...``).
+SCMAMBA2_AUTO_MAP = {
+    "AutoConfig": "configuration_scmamba2.ScMamba2Config",
+    "AutoModel": "modeling_scmamba2.ScMamba2Model",
+    "AutoModelForPreTraining": "modeling_scmamba2.ScMamba2ForMaskedExpression",
+    "AutoModelForMaskedExpression": "modeling_scmamba2.ScMamba2ForMaskedExpression",
+    "AutoModelForSequenceClassification": "modeling_scmamba2.ScMamba2ForSequenceClassification",
+    "AutoModelForPerturbationPrediction": "modeling_scmamba2.ScMamba2ForPerturbationPrediction",
+}
+
+# Copied from hf_scfm.modeling.configuration_utils.PresetMixin
+class PresetMixin:
+    """Adds ``Config.from_preset(name, **overrides)`` to a ``PreTrainedConfig`` subclass.
+
+    A family lists its presets in the class attribute ``PRESETS`` (name -> keyword arguments).
+    ``"tiny"`` always exists: a model small enough for CPU tests and demos.
+    """
+
+    PRESETS: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(
+                f"Unknown {cls.__name__} preset {name!r}. Available presets: {sorted(cls.PRESETS)}. "
+                f"Pass one of those names, or build the config directly: {cls.__name__}(**kwargs)."
+            )
+        kwargs = copy.deepcopy(cls.PRESETS[name])
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
 @strict(accept_kwargs=True)
 class ScMamba2Config(PresetMixin, PreTrainedConfig):
     r"""Configuration of :class:`ScMamba2Model` and its heads.
@@ -66,7 +101,7 @@ class ScMamba2Config(PresetMixin, PreTrainedConfig):
         state_size: SSM state size ``N`` (Mamba-2's ``d_state``).
         n_groups: number of B/C groups ``G`` shared by ``num_heads / G`` heads each (Mamba-2's ``ngroups``).
         conv_kernel: width of the depthwise causal convolution over (x, B, C).
-        chunk_size: chunk length of the SSD chunked scan (passed to ``ops.ssd_scan``).
+        chunk_size: chunk length of the SSD chunked scan (passed to ``ssd_scan``, ``ssd.py``).
         time_step_min, time_step_max, time_step_floor: Δ is initialised log-uniformly in
             ``[time_step_min, time_step_max]`` (clamped below at the floor) through ``dt_bias``, so
             ``softplus(dt_bias)`` starts in that range.
@@ -97,8 +132,8 @@ class ScMamba2Config(PresetMixin, PreTrainedConfig):
             Masked-expression pretraining never reads ``<cls>``, so after it the ``<cls>`` state carries little
             cell identity; ``"mean"`` fine-tunes to better annotation from such a checkpoint (README,
             Performance).
-        ssm_backend: ``"auto"`` | ``"torch"`` | ``"cuda"``, passed as ``backend=`` to ``ops.ssd_scan`` and
-            ``ops.causal_conv1d``.
+        ssm_backend: ``"auto"`` | ``"torch"`` | ``"cuda"``, passed as ``backend=`` to ``ssd_scan`` and
+            ``causal_conv1d`` (``ssd.py``, ``conv.py`` beside the modeling file).
         vocab_checksum: checksum of the tokenizer vocabulary the model was built for
             (``tokenizer.vocab_checksum``); :func:`~hf_scfm.modeling.configuration_utils.check_tokenizer_matches`
             compares it.
@@ -226,6 +261,7 @@ class ScMamba2Config(PresetMixin, PreTrainedConfig):
                 f"collide with real values), got {self.mask_value}."
             )
         super().__post_init__(**kwargs)
+        self.auto_map = {**SCMAMBA2_AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     @property
     def intermediate_size(self) -> int:
@@ -245,4 +281,8 @@ class ScMamba2Config(PresetMixin, PreTrainedConfig):
         return self.intermediate_size // self.head_dim
 
 
-__all__ = ["ScMamba2Config", "PAPER_VOCAB_SIZE", "PAPER_NUM_GENES"]
+# Remote code: ``save_pretrained`` copies this file (and the files it imports) next to ``config.json``; see
+# SCMAMBA2_AUTO_MAP and the note at the end of configuration_mouse_genemamba.py.
+ScMamba2Config._auto_class = "AutoConfig"
+
+__all__ = ["SCMAMBA2_AUTO_MAP", "ScMamba2Config", "PAPER_VOCAB_SIZE", "PAPER_NUM_GENES"]

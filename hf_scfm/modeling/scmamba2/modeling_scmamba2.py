@@ -5,11 +5,20 @@ Read top to bottom:
 1. :class:`ScMamba2Embeddings` - gene embedding + continuous expression encoder, learned mask vector.
 2. :class:`ScMamba2Mixer` - one Mamba-2 block (SSD with a scalar decay per head), written from the
    Mamba-2 paper: ``in_proj -> [z, x, B, C, dt]``, depthwise causal conv + SiLU over (x, B, C),
-   chunked SSD scan (``ops.ssd_scan``) with a ``D`` skip, gated RMSNorm ``norm(y * silu(z))``, ``out_proj``.
+   chunked SSD scan (``ssd_scan``, ``ssd.py`` beside this file) with a ``D`` skip, gated RMSNorm ``norm(y * silu(z))``, ``out_proj``.
 3. :class:`ScMamba2Layer` - BiMamba-2: the *same* mixer over the sequence and over its "smart padding"
    reversal (only real tokens are reversed per row), reversed back and summed; pre-norm residual.
 4. :class:`ScMamba2Model` and the heads: masked expression (pretraining), sequence classification,
    perturbation prediction.
+
+Auto classes (registered by ``import hf_scfm``; written into ``config.json``'s ``auto_map`` by ``save_pretrained``, so
+a checkpoint also loads with ``trust_remote_code=True`` where hf_scfm is not installed): ``AutoConfig``,
+``AutoModel`` -> :class:`ScMamba2Model`, ``AutoModelForPreTraining`` and ``hf_scfm.AutoModelForMaskedExpression`` ->
+:class:`ScMamba2ForMaskedExpression` (one value per token: ``AutoModelForMaskedLM`` means vocabulary logits, so it
+is deliberately not used), ``AutoModelForSequenceClassification`` -> :class:`ScMamba2ForSequenceClassification`,
+``hf_scfm.AutoModelForPerturbationPrediction`` -> :class:`ScMamba2ForPerturbationPrediction` (without hf_scfm:
+``get_class_from_dynamic_module("modeling_scmamba2.ScMamba2ForPerturbationPrediction", repo)``). The mapping is
+:data:`~.configuration_scmamba2.SCMAMBA2_AUTO_MAP`.
 
 Padding is always on the right (the tokenizer's contract). Right padding plus smart reversal means
 padding sits *after* the real tokens in both scan directions, so a causal scan never carries padding
@@ -30,9 +39,10 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
-from ...tokenization.special_tokens import IGNORE_INDEX, SPECIAL_TOKENS
-from ..ops import causal_conv1d, ssd_scan
-from .configuration_scmamba2 import ScMamba2Config
+from .configuration_scmamba2 import SCMAMBA2_AUTO_MAP, ScMamba2Config
+from .conv import causal_conv1d
+from .special_tokens import IGNORE_INDEX, SPECIAL_TOKENS
+from .ssd import ssd_scan
 
 _ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -61,12 +71,12 @@ class ScMamba2ModelOutput(ModelOutput):
 
 @dataclass
 class ScMamba2MaskedExpressionOutput(ModelOutput):
-    """Output of :class:`ScMamba2ForMaskedExpression` and :class:`ScMamba2ForPerturbationPrediction`.
+    """Output of :class:`ScMamba2ForMaskedExpression`.
 
     Args:
         loss: MSE over the positions the labels mark (``labels != -100``), when labels are given.
-        predictions: ``[B, L]`` predicted value per position (a bin for masked expression, a log1p value
-            for perturbation); zero at padded positions.
+        predictions: ``[B, L]`` predicted value per position (a bin, in the units of ``values``); zero at padded
+            positions.
         hidden_states: as in :class:`ScMamba2ModelOutput`, with ``output_hidden_states=True``.
         cell_embedding: ``[B, d]`` cell embedding (``config.pooling``: ``<cls>`` or mean).
         last_hidden_state: ``[B, L, d]`` final hidden states.
@@ -87,6 +97,117 @@ class ScMamba2SequenceClassifierOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     cell_embedding: torch.FloatTensor | None = None
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba.MouseGeneMambaPerturbationOutput with MouseGeneMamba->ScMamba2
+@dataclass
+class ScMamba2PerturbationOutput(ModelOutput):
+    """Output of :class:`ScMamba2ForPerturbationPrediction`.
+
+    Args:
+        loss: MSE over real gene positions where ``labels != -100`` (with labels).
+        predictions: ``[B, L]`` predicted perturbed ``log1p`` value per position; 0 at special tokens and padding.
+        hidden_states: with ``output_hidden_states=True``, as the backbone returns them.
+        cell_embedding: ``[B, d]`` the backbone's cell embedding.
+        last_hidden_state: ``[B, L, d]`` the backbone's last hidden states.
+    """
+
+    loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    cell_embedding: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces every family shares (originals in modeling_mouse_genemamba.py; utils/check_copies.py)
+# --------------------------------------------------------------------------------------------------
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba.pool_cell_embedding
+def pool_cell_embedding(
+    hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
+) -> torch.Tensor:
+    """The cell embedding ``[B, d]`` read from last hidden states ``[B, L, d]``: ``"cls"`` the first position,
+    ``"mean"`` the mean over real tokens (``attention_mask == 1``; every token when the mask is ``None``), ``"last"``
+    the last real token."""
+    if pooling == "cls":
+        return hidden_states[:, 0]
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+    mask = attention_mask.to(hidden_states.dtype)
+    if pooling == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * (mask > 0)).amax(dim=1)
+        return hidden_states[torch.arange(mask.shape[0], device=mask.device), last]
+    if pooling == "mean":
+        summed = (hidden_states * mask.unsqueeze(-1)).sum(dim=1)
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    raise ValueError(f"pooling must be 'cls', 'mean' or 'last', got {pooling!r}.")
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba.sequence_classification_loss
+def sequence_classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of a sequence-classification head, by transformers' ``problem_type`` convention: ``regression`` (MSE)
+    when ``num_labels == 1``, ``single_label_classification`` (cross-entropy) for integer labels ``[B]``,
+    ``multi_label_classification`` (BCE with logits) for float multi-hot labels ``[B, num_labels]``. An unset
+    ``config.problem_type`` is inferred and stored. Computed in at least float32."""
+    labels = labels.to(logits.device)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if config.problem_type is None:
+        if config.num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).reshape(logits.shape[0]))
+    if config.problem_type == "single_label_classification":
+        if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(f"labels must be [batch] class ids, got shape {tuple(labels.shape)}.")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= config.num_labels):
+            raise ValueError(
+                f"labels hold classes in [{int(labels.min())}, {int(labels.max())}] but num_labels is "
+                f"{config.num_labels}; build the config with num_labels (or id2label) covering every class."
+            )
+        return F.cross_entropy(logits, labels.long())
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba._masked_mse
+def _masked_mse(predictions: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """MSE over the ``keep`` positions, in at least float32; a zero that still carries the graph when nothing is
+    kept (no NaN)."""
+    if not bool(keep.any()):
+        return predictions.sum() * 0.0
+    dtype = torch.promote_types(predictions.dtype, torch.float32)
+    return F.mse_loss(predictions[keep].to(dtype), labels[keep].to(dtype))
+
+
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba._perturbation_flags
+def _perturbation_flags(
+    perturbation_flags: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.LongTensor:
+    """Checked 0/1 flags ``[B, L]`` (int64, zero at padding); all zeros when ``perturbation_flags`` is ``None``."""
+    if input_ids is None:
+        raise ValueError("A perturbation model needs input_ids (the perturbation sentences' token ids).")
+    if perturbation_flags is None:
+        return torch.zeros_like(input_ids, dtype=torch.long)
+    if perturbation_flags.shape != input_ids.shape:
+        raise ValueError(
+            f"perturbation_flags has shape {tuple(perturbation_flags.shape)}, expected {tuple(input_ids.shape)} "
+            "(one 0/1 flag per token)."
+        )
+    flags = perturbation_flags.long()
+    if attention_mask is not None:
+        flags = flags.masked_fill(attention_mask == 0, 0)
+    if flags.numel() and (int(flags.min()) < 0 or int(flags.max()) > 1):
+        raise ValueError(
+            "perturbation_flags must be 0 (not perturbed) or 1 (perturbed) at every real token; "
+            f"got values in [{int(flags.min())}, {int(flags.max())}]."
+        )
+    return flags
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,8 +288,10 @@ def _check_inputs(config: ScMamba2Config, input_ids, values, attention_mask):
 # --------------------------------------------------------------------------------------------------
 
 
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba.MouseGeneMambaRMSNorm with MouseGeneMamba->ScMamba2
 class ScMamba2RMSNorm(nn.Module):
-    """RMSNorm over the last dimension, computed in float32."""
+    """RMSNorm (Zhang & Sennrich 2019): ``x / sqrt(mean(x²) + eps) * weight``, computed in at least float32 (half
+    precision is normalised in float32, float64 stays float64); the weight multiplies the result in the input's dtype."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-5):
         super().__init__()
@@ -177,9 +300,12 @@ class ScMamba2RMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
-        h = hidden_states.float()
+        h = hidden_states.to(torch.promote_types(dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * h).to(dtype)
+        return self.weight * h.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class ScMamba2GatedRMSNorm(nn.Module):
@@ -410,6 +536,11 @@ class ScMamba2PreTrainedModel(PreTrainedModel):
                 init.normal_(
                     module.out_proj.weight, mean=0.0, std=cfg.initializer_range / math.sqrt(cfg.num_hidden_layers)
                 )
+        elif isinstance(module, ScMamba2PerturbationEmbedding):
+            # row 0 (not perturbed) zero, row 1 at the unit scale of the layer-normalised token embedding
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight)
+                init.normal_(module.weight[1], mean=0.0, std=1.0)
         elif isinstance(module, ScMamba2Embeddings):
             init.normal_(module.mask_embedding, mean=0.0, std=1.0)
             # The expression encoder gets PyTorch's default Linear init (uniform weight and bias,
@@ -490,11 +621,7 @@ class ScMamba2Model(ScMamba2PreTrainedModel):
         hidden = self.norm_f(hidden)
         if attention_mask is not None:
             hidden = hidden * attention_mask.unsqueeze(-1)
-        if self.config.pooling == "mean":
-            mask = attention_mask if attention_mask is not None else hidden.new_ones(hidden.shape[:2])
-            cell_embedding = hidden.sum(dim=1) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # pads are zero
-        else:
-            cell_embedding = hidden[:, 0]
+        cell_embedding = pool_cell_embedding(hidden, attention_mask, self.config.pooling)
         if not return_dict:
             return tuple(v for v in (hidden, cell_embedding, all_hidden) if v is not None)
         return ScMamba2ModelOutput(last_hidden_state=hidden, cell_embedding=cell_embedding, hidden_states=all_hidden)
@@ -523,22 +650,15 @@ class ScMamba2RegressionHead(nn.Module):
         return self.out_proj(self.activation(self.dense(hidden_states))).squeeze(-1) * self.output_scale
 
 
-def _masked_mse(predictions: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """MSE over ``keep``; a zero that still carries the graph when nothing is kept (no NaN)."""
-    if not bool(keep.any()):
-        return predictions.sum() * 0.0
-    return F.mse_loss(predictions[keep].float(), labels[keep].float())
-
-
 class ScMamba2ForMaskedExpression(ScMamba2PreTrainedModel):
     """SC-MAMBA2 pretraining: predict the binned expression of masked positions (MSE).
 
     Masked positions are marked in ``values`` by ``config.mask_value`` (the collator's job);
     ``labels`` hold the true bin there and -100 elsewhere. The loss is the MSE over ``labels != -100``.
 
-    Not registered with ``AutoModelForMaskedLM``: that class means "token logits over the vocabulary"
-    (``fill-mask`` pipelines rely on it) while this head regresses one scalar per position. Load it with
-    ``ScMamba2ForMaskedExpression.from_pretrained``.
+    Auto classes: ``AutoModelForPreTraining`` and ``hf_scfm.AutoModelForMaskedExpression`` (the Auto class for heads
+    that regress one value per token). Not ``AutoModelForMaskedLM``: that class means "token logits over the
+    vocabulary" (``fill-mask`` pipelines rely on it).
     """
 
     def __init__(self, config: ScMamba2Config):
@@ -630,20 +750,7 @@ class ScMamba2ForSequenceClassification(ScMamba2PreTrainedModel):
         logits = self.classifier(out.cell_embedding)
         loss = None
         if labels is not None:
-            labels = labels.to(logits.device)
-            if self.config.problem_type is None:
-                if self.num_labels == 1:
-                    self.config.problem_type = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    self.config.problem_type = "single_label_classification"
-                else:
-                    self.config.problem_type = "multi_label_classification"
-            if self.config.problem_type == "regression":
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
-            elif self.config.problem_type == "single_label_classification":
-                loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+            loss = sequence_classification_loss(self.config, logits, labels)
         if not return_dict:
             rest = (logits, out.hidden_states, out.cell_embedding)
             return tuple(v for v in ((loss,) if loss is not None else ()) + rest if v is not None)
@@ -652,20 +759,33 @@ class ScMamba2ForSequenceClassification(ScMamba2PreTrainedModel):
         )
 
 
+# Copied from hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba.MouseGeneMambaPerturbationEmbedding with MouseGeneMamba->ScMamba2
+class ScMamba2PerturbationEmbedding(nn.Embedding):
+    """The perturbed-gene flag embedding: 2 rows of width ``d`` (0 = not perturbed, 1 = perturbed) added to every
+    token's embedding. Row 0 starts at zero, so an unflagged sentence is the backbone's own input; row 1 starts at the
+    scale of the token embedding it is added to (``_init_weights``): a flag far smaller than the tokens would spend
+    the first fine-tuning steps growing."""
+
+    def __init__(self, config: ScMamba2Config):
+        super().__init__(2, config.hidden_size)
+
+
 class ScMamba2ForPerturbationPrediction(ScMamba2PreTrainedModel):
     """Predict a perturbed cell's log1p profile from a control cell and the perturbed genes (paper 4.5).
 
-    Inputs: ``values`` = the control cell's log1p values (not bins), ``perturbation_flags`` ``[B, L]`` int
-    (1 = this gene is perturbed, 0 = not; ignored at padding). A learned embedding of the flag
-    (``perturbation_embedding``, 2 rows) is added to every token's embedding. Output: the predicted
-    perturbed log1p value per position. Loss: MSE over real gene positions (ids >= 6, attention 1) where
-    ``labels != -100``.
+    Inputs: ``values`` = the control cell's log1p values (not bins; set ``config.value_scale`` for them, e.g.
+    ``1 / ceil(max value)``), ``perturbation_flags`` ``[B, L]`` int (1 = this gene is perturbed, 0 = not; ignored at
+    padding; ``None`` = nothing perturbed). :class:`ScMamba2PerturbationEmbedding` of the flags is added to every
+    token's embedding; the flag starts at the unit scale of the (layer-normalised) token embedding. Output: the
+    predicted perturbed log1p value per position from the same regression head as pretraining
+    (``expression_head``, so a pretrained checkpoint brings it along). Loss: MSE over real gene positions (ids >= 6,
+    attention 1) where ``labels != -100``.
     """
 
     def __init__(self, config: ScMamba2Config):
         super().__init__(config)
         self.scmamba2 = ScMamba2Model(config)
-        self.perturbation_embedding = nn.Embedding(2, config.hidden_size)
+        self.perturbation_embedding = ScMamba2PerturbationEmbedding(config)
         self.expression_head = ScMamba2RegressionHead(config)
         self.post_init()
 
@@ -679,29 +799,14 @@ class ScMamba2ForPerturbationPrediction(ScMamba2PreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> ScMamba2MaskedExpressionOutput | tuple:
+    ) -> ScMamba2PerturbationOutput | tuple:
+        """``labels``: ``[B, L]`` float, the perturbed cell's value per token, -100 where ignored."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if input_ids is None:
-            raise ValueError("ScMamba2ForPerturbationPrediction needs input_ids.")
-        if perturbation_flags is None:
-            perturbation_flags = torch.zeros_like(input_ids)
-        if perturbation_flags.shape != input_ids.shape:
-            raise ValueError(
-                f"perturbation_flags has shape {tuple(perturbation_flags.shape)}, expected {tuple(input_ids.shape)} "
-                "(one 0/1 flag per token)."
-            )
-        flags = perturbation_flags.long()
-        if attention_mask is not None:
-            flags = flags.masked_fill(attention_mask == 0, 0)
-        if flags.numel() and (int(flags.min()) < 0 or int(flags.max()) > 1):
-            raise ValueError(
-                "perturbation_flags must be 0 (not perturbed) or 1 (perturbed) at every real token; "
-                f"got values in [{int(flags.min())}, {int(flags.max())}]."
-            )
+        flags = _perturbation_flags(perturbation_flags, input_ids, attention_mask)
         out = self.scmamba2(
             input_ids,
-            values,
-            attention_mask,
+            values=values,
+            attention_mask=attention_mask,
             extra_embeddings=self.perturbation_embedding(flags),
             output_hidden_states=output_hidden_states,
             return_dict=True,
@@ -715,14 +820,14 @@ class ScMamba2ForPerturbationPrediction(ScMamba2PreTrainedModel):
         if labels is not None:
             if labels.shape != predictions.shape:
                 raise ValueError(
-                    f"labels have shape {tuple(labels.shape)}, expected {tuple(predictions.shape)} (perturbed log1p "
-                    "value per token, -100 at specials and padding)."
+                    f"labels have shape {tuple(labels.shape)}, expected {tuple(predictions.shape)} (the perturbed "
+                    "log1p value per token, -100 at specials and padding)."
                 )
             loss = _masked_mse(predictions, labels, real & (labels != IGNORE_INDEX))
         if not return_dict:
             rest = (predictions, out.hidden_states, out.cell_embedding, out.last_hidden_state)
             return tuple(v for v in ((loss,) if loss is not None else ()) + rest if v is not None)
-        return ScMamba2MaskedExpressionOutput(
+        return ScMamba2PerturbationOutput(
             loss=loss,
             predictions=predictions,
             hidden_states=out.hidden_states,
@@ -730,6 +835,13 @@ class ScMamba2ForPerturbationPrediction(ScMamba2PreTrainedModel):
             last_hidden_state=out.last_hidden_state,
         )
 
+
+# Remote code: see the note at the end of modeling_mouse_genemamba.py.
+for _auto_class, _reference in SCMAMBA2_AUTO_MAP.items():
+    _class = globals()[_reference.rsplit(".", 1)[1]]
+    if "_auto_class" not in vars(_class):
+        _class._auto_class = _auto_class
+del _auto_class, _reference, _class
 
 __all__ = [
     "ScMamba2PreTrainedModel",
@@ -739,6 +851,7 @@ __all__ = [
     "ScMamba2ForPerturbationPrediction",
     "ScMamba2ModelOutput",
     "ScMamba2MaskedExpressionOutput",
+    "ScMamba2PerturbationOutput",
     "ScMamba2SequenceClassifierOutput",
     "smart_reverse_index",
 ]

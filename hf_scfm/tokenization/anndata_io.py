@@ -1,6 +1,8 @@
 """Reading count matrices in row chunks (AnnData in memory or backed, ``.h5ad`` paths, arrays) and checking them.
 
-Two public functions the tokenizer and the corpus builder share:
+The package's **io level**: it imports nothing else of hf_scfm, so it travels with the tokenizer as remote code
+(``tokenizer.save_pretrained`` copies it beside ``tokenization_gene.py``); data, training and tasks import it
+from here. Two public functions the tokenizer and the corpus builder share:
 
 * :func:`iter_count_chunks` yields ``(counts, obs)`` pairs of at most ``chunk_size`` cells, ``counts``
   a float CSR matrix over *all* input genes and ``obs`` a DataFrame with the cells' names, their
