@@ -260,10 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     table = aggregate(rows, list(splits))
     summary = targets(rows, list(splits))
     plot(rows, list(splits), out / f"annotation{args.tag}.png")
-    settings = (f"`python benchmarks/annotation.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
-                f"{args.seeds} fine-tuning seed(s) per split and init; {time.time() - started:.0f} s wall, "
-                f"{cpu / 60:.1f} CPU-minutes in the jobs (pretraining runs reused from disk count 0), "
-                f"{args.workers} process(es)")
+    settings = common.provenance("annotation.py", argv, started, cpu, args.workers,
+                                 f"{args.seeds} fine-tuning seed(s) per split and init; ")
     md_path.write_text(f"# Cell-type annotation benchmark\n\n{settings}\n\n{table}\n\n{summary}\n")
     print(f"\n{table}\n\n{summary}\n\n{settings}\nWrote {csv_path} and {md_path}")
     return 0

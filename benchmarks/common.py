@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -372,3 +373,12 @@ def mean_sd(values) -> str:
     if x.size == 0:
         return "-"
     return f"{x.mean():.3f} ± {x.std(ddof=1):.3f}" if x.size > 1 else f"{x.mean():.3f}"
+
+
+def provenance(script: str, argv, started: float, cpu_s: float, workers: int, detail: str = "") -> str:
+    """The line under each table: the command that made it, wall and CPU time, processes (and the machine load)."""
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"`python benchmarks/{script} {command}`".replace(" `", "`") + f": {detail}{time.time() - started:.0f} s "
+            f"wall, {cpu_s / 60:.1f} CPU-minutes in the jobs (pretraining runs reused from disk count 0), {workers} "
+            f"process(es), load average {load} at the end")

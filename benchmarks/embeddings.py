@@ -157,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['dataset']} ({r['split'].split()[-1]}) | {r['method']} | {r['knn_accuracy']:.3f} / "
                      f"{r['knn_f1']:.3f} | {r['lr_accuracy']:.3f} / {r['lr_f1']:.3f} | {avg} | {asw} |")
     table = "\n".join(lines)
-    settings = (f"`python benchmarks/embeddings.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
-                f"{time.time() - started:.0f} s wall, {cpu / 60:.1f} CPU-minutes (pretraining runs reused from disk "
-                f"count 0), {args.workers} process(es)")
+    settings = common.provenance("embeddings.py", argv, started, cpu, args.workers)
     (common.RESULTS / "embeddings.md").write_text(f"# Frozen-embedding benchmark\n\n{settings}\n\n{table}\n")
     print(f"\n{table}\n\n{settings}")
     return 0

@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {dataset} | {name} | {common.mean_sd([r['accuracy'] for r in res])} | "
                          f"{common.mean_sd([r['f1_macro'] for r in res])} |")
         comparison = "\n".join(lines)
-    settings = (f"`python benchmarks/pretraining.py {' '.join(argv if argv is not None else sys.argv[1:])}`: "
-                f"{time.time() - started:.0f} s wall, {cpu / 60:.1f} CPU-minutes in the jobs (runs reused from disk "
-                f"count 0), {args.workers} process(es)")
+    settings = common.provenance("pretraining.py", argv, started, cpu, args.workers)
     text = f"# Pretraining benchmark\n\n{settings}\n\n{table}\n\n![curves](pretraining.png)\n"
     if comparison:
         text += f"\nNTP vs MLM (fine-tuned from each, {args.seeds} seeds, mean ± sd):\n\n{comparison}\n"

@@ -46,8 +46,11 @@ Choices, and why:
 * **Class-balanced cross-entropy** (``--class-weight balanced``): the training donors hold 3 T cells and 495 A
   cells; weighting each type by ``n / (K * n_type)`` lets the rare types count in the loss as they count in
   macro-F1 (SC-MAMBA2 on human4 0.92 / 0.75 with it, 0.92 / 0.74 without, one seed: within noise here, and
-  what a user annotating rare types wants). Not for Mouse-GeneMamba: with it, fine-tuning collapsed to one or
-  two types (human2: 0.20 / 0.03 with, 0.76 / 0.34 without; lr 1e-3 did not help).
+  what a user annotating rare types wants). Not for Mouse-GeneMamba: under the earlier recipe (a vocabulary of
+  all ~18k genes, ``seurat`` genes, 150 pretraining steps) it made fine-tuning collapse to one or two types
+  (human2: 0.20 / 0.03 with, 0.76 / 0.34 without; lr 1e-3 did not help); with :data:`RECIPES` it no longer
+  collapses (human2, trained on human1 + human3: 0.92 / 0.64 with, 0.94 / 0.65 without, one seed) but does not
+  help either, so it stays off.
 * **Full fine-tuning** (``--no-lora``): a model pretrained for a minute has little to keep frozen; training all
   weights is what makes it competitive. The classifier is saved as a plain model (loads without peft).
 * The stages call the package's own Python functions with the argument objects their commands parse

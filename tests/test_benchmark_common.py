@@ -6,8 +6,6 @@ models whose outputs are known make every figure checkable by hand.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,17 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import import_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
 
 
 @pytest.fixture(scope="module")
 def common():
-    spec = importlib.util.spec_from_file_location("benchmark_common", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from import_script(SCRIPT, "benchmark_common")
 
 
 V = 10  # ids 0..5 special, 6..9 genes

@@ -248,7 +248,7 @@ def test_batch_stream_draws_new_masks_every_epoch(corpora):
     """Dynamic masking: the stream passes each epoch to the collator, so the same cells get other masked
     positions in epoch 1 than in epoch 0 (and the same ones again when the stream is re-created there)."""
     from hf_scfm.data import DataCollatorForMaskedRegression, load_corpus
-    from hf_scfm.training.pretrain import BatchStream
+    from hf_scfm.training.pretrain_data import BatchStream
 
     ds = load_corpus(str(corpora["cellfm"]), streaming=True, columns=["input_ids", "values", "cell_id"])
     ds = ds.remove_columns(["cell_id"])  # no shuffle: epoch e yields the cells in the same order
