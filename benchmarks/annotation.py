@@ -1,33 +1,27 @@
-"""Cell-type annotation benchmark: every family against logistic regression, on held-out donors / folds.
+"""Cell-type annotation benchmark: each family, pretrained and from random init, against logistic regression on the
+model's own genes, on all genes and on a PCA of the same genes; held-out donors / folds, several seeds.
 
-    python benchmarks/annotation.py                       # all families x datasets (~60 min on 2 CPU cores)
-    python benchmarks/annotation.py --families scmamba2 --datasets pbmc68k --pretrain-steps 10 --finetune-steps 20
+    python benchmarks/annotation.py                  # the README table (test splits, 3 seeds, 2 processes)
+    python benchmarks/annotation.py --splits validation --seeds 1      # the validation donor the recipe was chosen on
+    python benchmarks/annotation.py --families cellfm --datasets baron_human --seeds 1 --max-splits 1   # a smoke run
 
-Splits (the same for every method):
+Splits (``common.TEST_SPLITS``): Baron human, held-out donors human4, human1, human3 (human2 is the validation
+donor the recipes were chosen on, reported apart with ``--splits validation``); Baron mouse, both directions;
+pbmc68k (one donor), 3 of 5 stratified folds.
 
-* ``baron_human``: train on three donors, test on the fourth, all four rotations;
-* ``baron_mouse``: train on one donor, test on the other, both directions;
-* ``pbmc68k``: 5-fold stratified cross-validation (one donor).
+Per split and family: the family's recipe (:data:`hf_scfm.quickstart.RECIPES`): a tokenizer reading the most
+variable genes of the **training cells** (Pearson residuals, per donor; they are also the vocabulary) and a tiny
+model pretrained on the training cells only (:func:`common.pretrain_run`, shared with ``benchmarks/pretraining.py``
+and ``benchmarks/embeddings.py``: a run made there is reused here). Then, per seed, full fine-tuning
+(``hf-scfm finetune --no-lora`` with the family's options) from the pretrained weights and, at the same budget,
+from a random initialisation of the same architecture, and :func:`hf_scfm.tasks.annotation.annotate` of the test
+cells. Baselines on the same split: L2 logistic regression (C=1) on log1p(CP10k) of **the same genes** the models
+read, of all genes, and of a 50-component PCA of the same genes. Test cells whose label is absent from training are
+not scored by any method.
 
-Per dataset and family, a tokenizer over the dataset's genes (rank medians of all its cells) reading its
-``--n-top-genes`` most variable genes, and a ``tiny`` model pretrained **once on all cells of the dataset**:
-pretraining is unsupervised (no label is read), but the test cells of every split are in that corpus
-(transductive, as a user pretraining on their own atlas would be; pretraining per split without the test donor
-would cost 11 pretraining runs per family instead of 3, which this CPU budget spends on fine-tuning instead).
-Per split: full fine-tuning (``hf-scfm finetune --no-lora``) on the training cells only, with the main job's
-choices (:data:`hf_scfm.quickstart.FINETUNE_OPTIONS`) and the genes re-selected on the training cells
-(``--n-top-genes``, per donor with ``--hvg-batch-key batch`` when there are several), then
-:func:`hf_scfm.tasks.annotation.annotate` on the test cells (read through the same genes). Logistic regression
-(:func:`hf_scfm.tasks.baseline.logistic_regression_baseline`: L2, C=1, on log1p(CP10k) of all shared genes) is
-fit on the same training cells. Test cells whose label does not occur in training are excluded from every
-method's metrics (they are listed in the CSV).
-
-Mouse-GeneMamba is run on the human datasets too: the pretraining loop and the tokenizer only require the
-``rank`` encoding, not a species, so a human rank tokenizer (GENCODE human IDs, medians of the dataset's cells)
-gives a Mouse-GeneMamba-architecture model of human cells.
-
-Writes ``benchmarks/results/annotation.csv`` (one row per split x method, appended as the run goes, so a partial
-run keeps its rows) and ``annotation.md`` (accuracy and macro-F1 mean +- sd over splits), and prints the table.
+Writes ``benchmarks/results/annotation<tag>.csv`` (one row per split x method x seed), ``annotation<tag>.md``
+(mean +- sd over splits of the per-split seed means; the seed sd beside it; the issue's targets met or not) and
+``annotation<tag>.png`` (macro-F1 bars), and prints the table.
 """
 
 from __future__ import annotations
@@ -38,215 +32,260 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-FAMILIES = ("scmamba2", "cellfm", "mouse_genemamba")
+FAMILIES = ("cellfm", "scmamba2", "mouse_genemamba")
 DATASETS = ("baron_human", "baron_mouse", "pbmc68k")
-LR_NAME = "logistic regression"
-#: Tokens per cell and fine-tuning steps per family (specials included): CellFM's linear retention is ~5x cheaper
-#: per token on CPU than the two Mamba scans here, so within about the same time per split it reads 4x more genes
-#: per cell and trains 2x longer (baron_human: 0.98 / 0.98 on human1 at 512 tokens and 600 steps, 0.96 / 0.94 at
-#: 256 and 300).
-MAX_LENGTH = {"cellfm": 512, "scmamba2": 128, "mouse_genemamba": 128}
-FINETUNE_STEPS = {"cellfm": 600, "scmamba2": 300, "mouse_genemamba": 300}
-
-FIELDS = ["dataset", "split", "method", "accuracy", "f1_macro", "precision_macro", "recall_macro", "n_train",
-          "n_test", "n_scored", "unseen_labels", "seconds"]
+NAMES = {"cellfm": "CellFM", "scmamba2": "SC-MAMBA2", "mouse_genemamba": "Mouse-GeneMamba"}
+LR_SAME, LR_ALL, PCA_LR = "LR, same genes", "LR, all genes", "PCA(50) + LR, same genes"
 
 
-def splits(adata, dataset: str, n_folds: int = 5, seed: int = 0):
-    """``[(name, train_mask, test_mask)]`` of a dataset (see the module docstring)."""
-    import numpy as np
-
-    batch = adata.obs["batch"].astype(str).to_numpy()
-    donors = sorted(set(batch))
-    if len(donors) > 1:
-        return [(f"test {d}", batch != d, batch == d) for d in donors]
-    from sklearn.model_selection import StratifiedKFold
-
-    labels = adata.obs["cell_type"].astype(str).to_numpy()
-    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
-    out = []
-    for k, (_, test) in enumerate(folds):
-        mask = np.zeros(len(labels), dtype=bool)
-        mask[test] = True
-        out.append((f"fold {k + 1}/{n_folds}", ~mask, mask))
-    return out
+def selected_genes(tokenizer, adata) -> list[str]:
+    """The columns of ``adata`` the tokenizer reads (its selected genes, as the dataset names them)."""
+    unmatched = tokenizer.mapping_report(adata).unmatched
+    return [g for g in adata.var_names if g not in unmatched]
 
 
-def pretrain_family(family_name: str, adata, work: Path, args) -> Path:
-    """Tokenizer over ``adata``'s genes (rank medians of all its cells) and a tiny model pretrained on all its cells
-    (unsupervised: labels are not read); returns the checkpoint folder."""
-    from hf_scfm.quickstart import build_tokenizer, pretrain_tiny
-    from hf_scfm.training.families import get_family
-
-    max_length = args.max_length or MAX_LENGTH[family_name]
-    tokenizer = build_tokenizer(adata, get_family(family_name), max_length=max_length, n_top_genes=args.n_top_genes)
-    pretrain_tiny(family_name, adata, tokenizer, work, steps=args.pretrain_steps, batch_size=args.batch_size,
-                  max_length=max_length, learning_rate=args.pretrain_lr, seed=args.seed, progress=False)
-    return work / "pretrained"
+def own_genes(family: str) -> str:
+    """The same-genes baseline of a family whose recipe reads other genes than the first family's."""
+    return f"LR, {NAMES[family]}'s genes"
 
 
-def finetune_and_annotate(pretrained: Path, family_name: str, train, test, work: Path, args) -> dict:
-    """Full (or LoRA) fine-tuning on ``train``, then :func:`annotate` of ``test``; returns the metrics."""
-    from hf_scfm.quickstart import finetune_classifier
+def baselines_job(dataset: str, split: str, pretrained: dict[str, str]) -> list[dict]:
+    """Logistic regression on the models' genes, on all genes, and on PCA(50) of the models' genes: ``LR_SAME`` /
+    ``PCA_LR`` on the genes of the first family of ``pretrained`` (family -> checkpoint), and ``own_genes(f)`` for
+    each family whose recipe reads other genes (SC-MAMBA2: 128)."""
+    from hf_scfm.tasks.baseline import logistic_regression_baseline
+    from hf_scfm.tokenization import GeneTokenizer
+
+    _, train, test = common.load_split(dataset, split)
+    gene_sets = {f: selected_genes(GeneTokenizer.from_pretrained(path), train) for f, path in pretrained.items()}
+    first = next(iter(gene_sets.values()))
+    todo = [(LR_SAME, first, {}), (LR_ALL, None, {}), (PCA_LR, first, {"pca_components": 50})]
+    todo += [(own_genes(f), genes, {}) for f, genes in gene_sets.items() if genes != first]
+    rows = []
+    for name, genes, kwargs in todo:
+        m = logistic_regression_baseline(train, test, common.LABEL_KEY, warn=False, genes=genes, **kwargs)["metrics"]
+        rows.append({"method": name, "n_genes": len(genes) if genes else train.n_vars, **_metrics(m)})
+    return [{"dataset": dataset, "split": split, "seed": 0, **r} for r in rows]
+
+
+def method_order() -> list[str]:
+    return [LR_SAME] + [own_genes(f) for f in FAMILIES] + [LR_ALL, PCA_LR] + \
+        [f"{NAMES[f]} {i}" for f in FAMILIES for i in ("pretrained", "random")]
+
+
+def _metrics(m: dict) -> dict:
+    return {"accuracy": round(m["accuracy"], 4), "f1_macro": round(m["f1_macro"], 4), "n_scored": m["n_scored"]}
+
+
+def pretrain_job(family: str, dataset: str, split: str, force: bool = False) -> dict:
+    run = common.pretrain_run(family, dataset, split, force=force)
+    return {"pretrained": str(run["pretrained"]), "cpu_s": run["cpu_s"], "reused": run["reused"]}
+
+
+def finetune_job(family: str, dataset: str, split: str, pretrained: str, init: str, seed: int) -> dict:
+    """Fine-tune (from ``pretrained`` or a random init of its architecture) on the training cells; score the test."""
+    import warnings
+
+    from hf_scfm.quickstart import FINETUNE_OPTIONS, RECIPES, finetune_classifier
     from hf_scfm.tasks.annotation import METRICS_KEY, annotate
     from hf_scfm.tasks.inference import load_model_and_tokenizer
 
-    train_h5ad = work / "train.h5ad"
-    train.write_h5ad(train_h5ad)
-    from hf_scfm.quickstart import FINETUNE_OPTIONS  # the main job's choices, benchmarked here
+    recipe = RECIPES[family]
+    _, train, test = common.load_split(dataset, split)
+    work = Path(tempfile.mkdtemp(prefix="hf-scfm-annot-"))
+    try:
+        start = Path(pretrained)
+        if init == "random":
+            start = common.random_init_checkpoint(start, work / "random", family, seed)
+        train.write_h5ad(work / "train.h5ad")
+        finetune_classifier(start, work / "train.h5ad", work / "classifier", steps=recipe["finetune_steps"],
+                            batch_size=recipe["batch_size"], learning_rate=recipe["finetune_lr"], seed=seed,
+                            max_length=recipe["max_length"], options=FINETUNE_OPTIONS.get(family, {}))
+        loaded = load_model_and_tokenizer(work / "classifier", kind="classifier")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            annotated = annotate(loaded, test, label_key=common.LABEL_KEY, progress=False, copy=True)
+        m = annotated.uns[METRICS_KEY]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"dataset": dataset, "split": split, "method": f"{NAMES[family]} {init}", "family": family, "init": init,
+            "seed": seed, **_metrics(m)}
 
-    options = dict(FINETUNE_OPTIONS.get(family_name, {}))
-    if args.n_top_genes:  # re-selected on the training cells of the split (what a user's reference would give)
-        options["n_top_genes"] = args.n_top_genes
-        if train.obs["batch"].astype(str).nunique() > 1:
-            options["hvg_batch_key"] = "batch"
-    finetune_classifier(pretrained, train_h5ad, work / "classifier",
-                        steps=args.finetune_steps or FINETUNE_STEPS[family_name],
-                        batch_size=args.batch_size, learning_rate=args.finetune_lr, lora=args.lora, seed=args.seed,
-                        options=options)
-    loaded = load_model_and_tokenizer(work / "classifier", kind="classifier")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        annotated = annotate(loaded, test, label_key="cell_type", progress=False, copy=True)
-    return dict(annotated.uns[METRICS_KEY])
 
-
-def aggregate(rows: list[dict]) -> str:
-    """Markdown: per dataset, one line per method with accuracy and macro-F1 mean +- sd over the splits."""
+def aggregate(rows: list[dict], datasets) -> str:
+    """Per dataset and method: mean +- sd over splits of the per-split seed means; the mean seed sd."""
     import numpy as np
 
-    lines = ["| dataset | method | splits | accuracy | macro-F1 |", "|---|---|---|---|---|"]
-    seen = []
-    for row in rows:
-        key = (row["dataset"], row["method"])
-        if key not in seen:
-            seen.append(key)
-    for dataset, method in seen:
-        sel = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
-        acc = np.array([float(r["accuracy"]) for r in sel])
-        f1 = np.array([float(r["f1_macro"]) for r in sel])
-        sd = (lambda x: x.std(ddof=1) if len(x) > 1 else 0.0)
-        lines.append(f"| {dataset} | {method} | {len(sel)} | {acc.mean():.3f} ± {sd(acc):.3f} | "
-                     f"{f1.mean():.3f} ± {sd(f1):.3f} |")
+    lines = ["| dataset | method | splits x seeds | accuracy | macro-F1 | macro-F1 seed sd |", "|---|---|---|---|---|---|"]
+    order = method_order()
+    for dataset in datasets:
+        for method in order:
+            sel = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
+            if not sel:
+                continue
+            splits = sorted({r["split"] for r in sel})
+            per = {s: [r for r in sel if r["split"] == s] for s in splits}
+            acc = [np.mean([float(r["accuracy"]) for r in v]) for v in per.values()]
+            f1 = [np.mean([float(r["f1_macro"]) for r in v]) for v in per.values()]
+            seed_sd = [np.std([float(r["f1_macro"]) for r in v], ddof=1) for v in per.values() if len(v) > 1]
+            n_seeds = max(len(v) for v in per.values())
+            bold = "**" if method == LR_SAME or method.endswith("'s genes") else ""
+            lines.append(f"| {dataset} | {bold}{method}{bold} | {len(splits)} x {n_seeds} | {common.mean_sd(acc)} | "
+                         f"{common.mean_sd(f1)} | {np.mean(seed_sd):.3f} |" if seed_sd else
+                         f"| {dataset} | {bold}{method}{bold} | {len(splits)} x {n_seeds} | {common.mean_sd(acc)} | "
+                         f"{common.mean_sd(f1)} | - |")
     return "\n".join(lines)
+
+
+def plot(rows: list[dict], datasets, png: Path) -> None:
+    """Macro-F1 per dataset and method: mean over splits of the seed means, bars +- sd over splits."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in method_order() if any(r["method"] == m for r in rows)]
+    colours = {LR_SAME: "0.2", LR_ALL: "0.5", PCA_LR: "0.75", **{own_genes(f): "0.35" for f in FAMILIES}}
+    for k, family in enumerate(FAMILIES):
+        colours[f"{NAMES[family]} pretrained"] = f"C{k}"
+        colours[f"{NAMES[family]} random"] = matplotlib.colors.to_rgba(f"C{k}", 0.4)
+    fig, ax = plt.subplots(figsize=(2.2 + 2.6 * len(datasets), 3.6), dpi=100)
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        means, sds = [], []
+        for dataset in datasets:
+            sel = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
+            per = [np.mean([float(r["f1_macro"]) for r in sel if r["split"] == s]) for s in sorted({r["split"] for r in sel})]
+            means.append(np.mean(per) if per else np.nan)
+            sds.append(np.std(per, ddof=1) if len(per) > 1 else 0.0)
+        ax.bar(np.arange(len(datasets)) + (j - (len(methods) - 1) / 2) * width, means, width, yerr=sds, capsize=2,
+               color=colours[method], label=method)
+    ax.set_xticks(np.arange(len(datasets)), datasets)
+    ax.set_ylabel("macro-F1 (held-out donors / folds)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+def targets(rows: list[dict], datasets) -> str:
+    """The issue's annotation targets, met or not, with the figures."""
+    import numpy as np
+
+    def f1(dataset, method):
+        sel = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
+        splits = sorted({r["split"] for r in sel})
+        return float(np.mean([np.mean([float(r["f1_macro"]) for r in sel if r["split"] == s]) for s in splits])) \
+            if sel else float("nan")
+
+    def split_f1(dataset, split, method):
+        sel = [float(r["f1_macro"]) for r in rows if r["dataset"] == dataset and r["split"] == split and
+               r["method"] == method]
+        return float(np.mean(sel)) if sel else float("nan")
+
+    out = []
+    for family in FAMILIES:
+        pre, rnd = f"{NAMES[family]} pretrained", f"{NAMES[family]} random"
+        deltas = [split_f1(r["dataset"], r["split"], pre) - split_f1(r["dataset"], r["split"], rnd)
+                  for r in {(r["dataset"], r["split"]): r for r in rows if r["method"] == pre}.values()]
+        deltas = [d for d in deltas if d == d]
+        if deltas:
+            mean = float(np.mean(deltas))
+            out.append(f"- {NAMES[family]}: pretrained - random init = {mean:+.3f} macro-F1 (mean over {len(deltas)} "
+                       f"held-out splits; {sum(d > 0 for d in deltas)} of them positive; target >= +0.03: "
+                       f"{'met' if mean >= 0.03 else 'not met'})")
+    for dataset in datasets:
+        for family in FAMILIES:  # the headline: each model against a linear model reading the very same genes
+            model = f1(dataset, f"{NAMES[family]} pretrained")
+            ref = own_genes(family) if any(r["method"] == own_genes(family) for r in rows) else LR_SAME
+            lr = f1(dataset, ref)
+            if model == model and lr == lr:
+                out.append(f"- {dataset}: {NAMES[family]} pretrained {model:.3f} vs {ref} {lr:.3f} ({model - lr:+.3f})")
+        scored = [(f1(dataset, f"{NAMES[f]} pretrained"), NAMES[f]) for f in FAMILIES]
+        best = max([b for b in scored if b[0] == b[0]], default=(float("nan"), "-"))
+        for ref in (LR_SAME, LR_ALL):
+            lr = f1(dataset, ref)
+            if best[0] == best[0] and lr == lr:
+                out.append(f"- {dataset}: best family ({best[1]}, pretrained) {best[0]:.3f} vs {ref} {lr:.3f} "
+                           f"({best[0] - lr:+.3f}: {'met' if best[0] >= lr else 'not met'})")
+    mouse = f1("baron_mouse", "Mouse-GeneMamba pretrained")
+    if mouse == mouse:
+        out.append(f"- Mouse-GeneMamba on Baron mouse: {mouse:.3f} macro-F1 (target >= 0.7: "
+                   f"{'met' if mouse >= 0.7 else 'not met'})")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--splits", default="test", choices=("test", "validation"))
     parser.add_argument("--max-splits", type=int, default=None, help="only the first N splits of each dataset")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="tokens per cell, specials included, for every family (default: MAX_LENGTH per family)")
-    parser.add_argument("--pretrain-steps", type=int, default=150)
-    parser.add_argument("--pretrain-lr", type=float, default=2e-3)
-    parser.add_argument("--finetune-steps", type=int, default=None,
-                        help="fine-tuning steps for every family (default: FINETUNE_STEPS per family)")
-    parser.add_argument("--finetune-lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--n-top-genes", type=int, default=None,
-                        help="genes read per cell: the N most variable (0 = all genes of the dataset; default: the "
-                             "main job's N_TOP_GENES)")
-    parser.add_argument("--lora", action="store_true", help="LoRA fine-tuning instead of full fine-tuning")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", default=str(RESULTS), help="folder for annotation.csv / annotation.md")
-    parser.add_argument("--tag", default="", help="suffix of the output file names (annotation<tag>.csv)")
-    parser.add_argument("--aggregate", metavar="CSV", default=None,
-                        help="only rebuild the Markdown table from a (possibly partial) annotation CSV")
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per split and init")
+    parser.add_argument("--workers", type=int, default=2, help="processes (one thread each); 0 = this process")
+    parser.add_argument("--no-random-init", action="store_true", help="skip the random-init arm")
+    parser.add_argument("--force-pretrain", action="store_true", help="pretrain again even if a matching run exists")
+    parser.add_argument("--tag", default="", help="suffix of the output file names")
+    parser.add_argument("--aggregate", metavar="CSV", default=None, help="only rebuild the tables from a CSV")
     args = parser.parse_args(argv)
+    out = common.RESULTS
     if args.aggregate:
-        with open(args.aggregate, newline="") as fh:
-            table = aggregate(list(csv.DictReader(fh)))
-        md = Path(args.aggregate).with_suffix(".md")
-        md.write_text(f"# Cell-type annotation benchmark\n\n{table}\n")
-        print(f"{table}\nWrote {md}")
+        rows = list(csv.DictReader(open(args.aggregate, newline="")))
+        datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
+        print(aggregate(rows, datasets) + "\n\n" + targets(rows, datasets))
+        plot(rows, datasets, Path(args.aggregate).with_suffix(".png"))
         return 0
 
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from hf_scfm.data import load_example
-    from hf_scfm.quickstart import FINETUNE_OPTIONS, N_TOP_GENES
-    from hf_scfm.tasks.baseline import logistic_regression_baseline
-
-    if args.n_top_genes is None:
-        args.n_top_genes = N_TOP_GENES
-    torch.set_num_threads(args.threads)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out / f"annotation{args.tag}.csv", out / f"annotation{args.tag}.md"
+    if args.splits == "validation":
+        splits = {d: [common.VALIDATION[d]] for d in args.datasets if d in common.VALIDATION}
+    else:
+        splits = {d: common.TEST_SPLITS[d][: args.max_splits] for d in args.datasets}
+    started, cpu = time.time(), 0.0
     rows: list[dict] = []
-    with open(csv_path, "w", newline="") as fh:
-        csv.DictWriter(fh, FIELDS).writeheader()
+    csv_path, md_path = out / f"annotation{args.tag}.csv", out / f"annotation{args.tag}.md"
 
-    def record(dataset, split, method, metrics, n_train, n_test, seconds):
-        row = {"dataset": dataset, "split": split, "method": method, "n_train": n_train, "n_test": n_test,
-               "seconds": round(seconds, 1), "n_scored": metrics["n_scored"],
-               "unseen_labels": ";".join(f"{k}:{v}" for k, v in metrics["unseen_labels"].items()),
-               **{k: round(metrics[k], 4) for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro")}}
-        rows.append(row)
-        with open(csv_path, "a", newline="") as fh:
-            csv.DictWriter(fh, FIELDS).writerow(row)
-        print(f"  {method:<20} accuracy {row['accuracy']:.3f}  macro-F1 {row['f1_macro']:.3f}  "
-              f"({seconds:.0f} s)", flush=True)
-
-    started = time.time()
-    root = Path(tempfile.mkdtemp(prefix="hf-scfm-bench-"))
-    try:
-        data, pretrained, todo = {}, {}, {}
-        for dataset in args.datasets:
-            data[dataset] = adata = load_example(dataset)
-            todo[dataset] = splits(adata, dataset, seed=args.seed)[: args.max_splits]
-            for family in args.families:
-                t0 = time.time()
-                pretrained[dataset, family] = pretrain_family(family, adata, root / dataset / family, args)
-                print(f"[{time.time() - started:6.0f} s] {dataset}: pretrained {family} on all {adata.n_obs} cells "
-                      f"({args.pretrain_steps} steps, {time.time() - t0:.0f} s)", flush=True)
-        # round-robin over the datasets (split 1 of each, then split 2, ...): a run cut short still covers them all
-        for index in range(max(len(v) for v in todo.values())):
-            for dataset in args.datasets:
-                if index >= len(todo[dataset]):
-                    continue
-                split, train_mask, test_mask = todo[dataset][index]
-                adata = data[dataset]
-                train, test = adata[train_mask].copy(), adata[test_mask].copy()
-                print(f"[{time.time() - started:6.0f} s] {dataset} {split}: {train.n_obs} train / {test.n_obs} test",
-                      flush=True)
-                t0 = time.time()
-                lr = logistic_regression_baseline(train, test, "cell_type", seed=args.seed, warn=False)
-                record(dataset, split, LR_NAME, lr["metrics"], train.n_obs, test.n_obs, time.time() - t0)
-                for family in args.families:
-                    t0 = time.time()
-                    work = root / dataset / family / "split"
-                    work.mkdir(parents=True, exist_ok=True)
-                    metrics = finetune_and_annotate(pretrained[dataset, family], family, train, test, work, args)
-                    shutil.rmtree(work, ignore_errors=True)
-                    name = f"{family}{' (LoRA)' if args.lora else ''}"
-                    record(dataset, split, name, metrics, train.n_obs, test.n_obs, time.time() - t0)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    table = aggregate(rows)
-    lengths = args.max_length or ", ".join(f"{k} {v}" for k, v in MAX_LENGTH.items() if k in args.families)
-    steps = args.finetune_steps or ", ".join(f"{k} {v}" for k, v in FINETUNE_STEPS.items() if k in args.families)
-    options = "; ".join(f"{k}: {', '.join(f'{n}={x}' for n, x in v.items())}" for k, v in FINETUNE_OPTIONS.items()
-                        if k in args.families and v)
-    settings = (f"tiny presets, max_length {lengths}, genes read: "
-                f"{args.n_top_genes or 'all'} most variable (per training donor), "
-                f"{options or 'no family options'}, pretraining {args.pretrain_steps} "
-                f"steps (lr {args.pretrain_lr}) once per dataset on all its cells, {'LoRA' if args.lora else 'full'} "
-                f"fine-tuning {steps} steps (lr {args.finetune_lr}), batch {args.batch_size}, seed "
-                f"{args.seed}, {args.threads} CPU thread(s); {time.time() - started:.0f} s in total")
-    md_path.write_text(f"# Cell-type annotation benchmark\n\n`python benchmarks/annotation.py "
-                       f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{settings}\n\n{table}\n")
-    print(f"\n{table}\n\n{settings}\nWrote {csv_path} and {md_path}")
+    pre_jobs = [(pretrain_job, {"family": f, "dataset": d, "split": s, "force": args.force_pretrain})
+                for d in splits for s in splits[d] for f in args.families]
+    pretrained = {}
+    for i, result, cpu_s, wall in common.run_jobs(pre_jobs, args.workers):
+        kw = pre_jobs[i][1]
+        pretrained[kw["family"], kw["dataset"], kw["split"]] = result["pretrained"]
+        cpu += cpu_s
+        print(f"[{time.time() - started:6.0f} s] pretrained {kw['family']} on {kw['dataset']} {kw['split']} "
+              f"({'reused' if result['reused'] else f'{cpu_s:.0f} CPU-s'})", flush=True)
+    jobs = []
+    for d in splits:
+        for s in splits[d]:
+            jobs.append((baselines_job, {"dataset": d, "split": s,
+                                         "pretrained": {f: pretrained[f, d, s] for f in args.families}}))
+            for f in args.families:
+                for init in ("pretrained",) + (() if args.no_random_init else ("random",)):
+                    for seed in range(args.seeds):
+                        jobs.append((finetune_job, {"family": f, "dataset": d, "split": s,
+                                                    "pretrained": pretrained[f, d, s], "init": init, "seed": seed}))
+    for i, result, cpu_s, wall in common.run_jobs(jobs, args.workers):
+        cpu += cpu_s
+        for row in (result if isinstance(result, list) else [result]):
+            row["cpu_s"] = round(cpu_s / (len(result) if isinstance(result, list) else 1), 1)
+            rows.append(row)
+            print(f"[{time.time() - started:6.0f} s] {row['dataset']} {row['split']} {row['method']} seed "
+                  f"{row['seed']}: accuracy {row['accuracy']:.3f} macro-F1 {row['f1_macro']:.3f} ({cpu_s:.0f} CPU-s)",
+                  flush=True)
+        common.write_csv(csv_path, rows)
+    table = aggregate(rows, list(splits))
+    summary = targets(rows, list(splits))
+    plot(rows, list(splits), out / f"annotation{args.tag}.png")
+    settings = common.provenance("annotation.py", argv, started, cpu, args.workers,
+                                 f"{args.seeds} fine-tuning seed(s) per split and init; ")
+    md_path.write_text(f"# Cell-type annotation benchmark\n\n{settings}\n\n{table}\n\n{summary}\n")
+    print(f"\n{table}\n\n{summary}\n\n{settings}\nWrote {csv_path} and {md_path}")
     return 0
 
 

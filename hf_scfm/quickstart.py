@@ -1,7 +1,7 @@
 """The main job, ``hf-scfm quickstart``: from bundled raw counts to an annotated AnnData, on CPU, in minutes.
 
-``quickstart(QuickstartArguments(model="scmamba2"))`` (``hf-scfm quickstart``) runs every stage of the package
-once, on real bundled data:
+``quickstart(QuickstartArguments())`` (``hf-scfm quickstart``; the default family is CellFM) runs every stage of
+the package once, on real bundled data:
 
 1. load a bundled dataset (default: the family's species: ``baron_human`` for SC-MAMBA2 / CellFM,
    ``baron_mouse`` for Mouse-GeneMamba) and split it by donor: the training donors are the reference, the
@@ -11,8 +11,8 @@ once, on real bundled data:
 3. pretrain a tiny model of the family on it (:func:`hf_scfm.training.pretrain.pretrain`, unsupervised: no label
    is read), writing ``loss_curve.png`` and a model card;
 4. fine-tune it for cell-type annotation on the training donors (:func:`hf_scfm.training.finetune.finetune`);
-5. annotate the held-out donor (:func:`hf_scfm.tasks.annotation.annotate`) and score it, next to a
-   logistic-regression baseline on log-normalised counts of the same split
+5. annotate the held-out donor (:func:`hf_scfm.tasks.annotation.annotate`) and score it, next to logistic
+   regression on log-normalised counts of the same split, on the genes the model reads and on all genes
    (:func:`hf_scfm.tasks.baseline.logistic_regression_baseline`);
 6. write the annotated h5ad, the plots, the model cards and ``metrics.json`` into the output folder and print
    where everything is.
@@ -23,24 +23,34 @@ Choices, and why:
   is the donor of the published 0.94 / 0.79 LR reference) and ``mouse1`` for Baron mouse (training on the
   larger donor ``mouse2``, which has all 12 types). Labels that occur only in the query would be reported as
   unseen and not scored.
-* **The vocabulary is the dataset's own genes** (those its symbols map to GENCODE IDs for), not the whole
-  GENCODE table: a tiny model then has an embedding of ~15-18k rows instead of ~79k, which pretrains several
-  times faster on CPU, and any query with the same kind of gene names still maps.
-* **The 1,000 most variable genes** of the training donors (:data:`N_TOP_GENES`; scanpy's ``seurat`` dispersion,
-  per donor) are the genes the tokenizer reads, for pretraining, fine-tuning and the query alike (the subset is
-  saved with the tokenizer). SC-MAMBA2 and CellFM sentences hold a seeded random sample of a cell's expressed
-  genes when it has more than ``max_length``: over all ~20k genes, 126 random expressed genes rarely include the
-  markers, and the fine-tuned SC-MAMBA2 predicted mostly the majority types (accuracy / macro-F1 0.36 / 0.09 on
-  human4); over the 1,000 most variable genes it reached 0.88 / 0.58 with the same budget. This is what scGPT
-  and SC-MAMBA2 do before fine-tuning (highly variable genes of the reference).
+* **The genes read are the 1,000 most variable genes of the training donors, and they are the vocabulary**
+  (:data:`RECIPES`; :meth:`~hf_scfm.tokenization.GeneTokenizer.select_highly_variable_genes`: scanpy's Pearson
+  residuals on the raw counts, per donor). The subset is saved with the tokenizer, so pretraining, fine-tuning
+  and the query read the same genes. Why these genes: the sentences of SC-MAMBA2 and CellFM hold a seeded random
+  sample of a cell's expressed genes when it has more than ``max_length``, and over all ~20k genes 126 random
+  expressed genes rarely include the markers (SC-MAMBA2 predicted mostly the majority types, 0.36 / 0.09 on
+  human4). The dispersion flavour (``seurat``) used before dropped INS, GCG and SST, the markers of B, A and D
+  cells; Pearson residuals keep them (logistic regression on the 1,000 genes: 0.954 / 0.898 on human4, against
+  0.951 / 0.895 with ``seurat`` genes and 0.944 / 0.793 on all genes). Why a vocabulary of only those genes: a
+  tiny model then has an embedding of 1,006 rows instead of ~18k, every row of which is trained, and
+  Mouse-GeneMamba's next-gene softmax is 18x smaller (its pretraining step 2.3x faster on CPU).
+* **The recipes** (:data:`RECIPES`, chosen on the validation donor human2, never on a test donor; README,
+  "Pretraining"): 1,000 pretraining steps at peak lr 2e-3 (5% warm-up, cosine decay, dynamic masking), where
+  every family's held-out objective beats its trivial predictor; SC-MAMBA2 reads its genes with zeros included
+  (bin 0), as the SC-MAMBA2 paper's fine-tuning and whole-transcriptome pretraining do: over expressed genes
+  only, per-cell quantile bins are close to unpredictable (even each gene's mean bin *within the cell's type*
+  explains 11% of the per-gene-mean error), so masked-expression pretraining had nothing to learn.
 * **SC-MAMBA2 pools the mean** of its last hidden states for the classifier (``--pooling mean``), not ``<cls>``:
   masked-expression pretraining never reads ``<cls>``, so its state after pretraining carries little of the
   cell (0.90 / 0.71 with the mean against 0.88 / 0.58 with ``<cls>``, same run otherwise).
 * **Class-balanced cross-entropy** (``--class-weight balanced``): the training donors hold 3 T cells and 495 A
   cells; weighting each type by ``n / (K * n_type)`` lets the rare types count in the loss as they count in
   macro-F1 (SC-MAMBA2 on human4 0.92 / 0.75 with it, 0.92 / 0.74 without, one seed: within noise here, and
-  what a user annotating rare types wants). Not for Mouse-GeneMamba: with it, fine-tuning collapsed to one or
-  two types (human2: 0.20 / 0.03 with, 0.76 / 0.34 without; lr 1e-3 did not help).
+  what a user annotating rare types wants). Not for Mouse-GeneMamba: under the earlier recipe (a vocabulary of
+  all ~18k genes, ``seurat`` genes, 150 pretraining steps) it made fine-tuning collapse to one or two types
+  (human2: 0.20 / 0.03 with, 0.76 / 0.34 without; lr 1e-3 did not help); with :data:`RECIPES` it no longer
+  collapses (human2, trained on human1 + human3: 0.92 / 0.64 with, 0.94 / 0.65 without, one seed) but does not
+  help either, so it stays off.
 * **Full fine-tuning** (``--no-lora``): a model pretrained for a minute has little to keep frozen; training all
   weights is what makes it competitive. The classifier is saved as a plain model (loads without peft).
 * The stages call the package's own Python functions with the argument objects their commands parse
@@ -61,15 +71,15 @@ from pathlib import Path
 
 from .training.families import FAMILIES
 
-__all__ = ["QuickstartArguments", "quickstart", "DEFAULT_DATASET", "HELD_OUT_DONOR", "N_TOP_GENES",
-           "FINETUNE_OPTIONS", "prepare_split", "build_tokenizer", "pretrain_tiny", "finetune_classifier"]
+__all__ = ["QuickstartArguments", "quickstart", "DEFAULT_MODEL", "DEFAULT_DATASET", "HELD_OUT_DONOR", "N_TOP_GENES",
+           "FINETUNE_OPTIONS", "RECIPES", "prepare_split", "build_tokenizer", "pretrain_tiny", "finetune_classifier"]
 
+#: The family the quickstart trains by default: the best annotator of ``benchmarks/annotation.py`` (README).
+DEFAULT_MODEL = "cellfm"
 #: Default bundled dataset per species of a family.
 DEFAULT_DATASET = {"human": "baron_human", "mouse": "baron_mouse"}
 #: The query donor of each bundled multi-donor dataset (see the module docstring).
 HELD_OUT_DONOR = {"baron_human": "human4", "baron_mouse": "mouse1"}
-#: Tokens per cell by default (specials included).
-DEFAULT_MAX_LENGTH = 128
 #: Genes read per cell: the most variable genes of the training cells (see the module docstring).
 N_TOP_GENES = 1000
 #: :class:`~hf_scfm.training.finetune.FinetuneArguments` fields per family (see the module docstring).
@@ -79,6 +89,17 @@ FINETUNE_OPTIONS = {
     "mouse_genemamba": {},
 }
 LABEL_KEY = "cell_type"
+#: Per family, the recipe the quickstart and ``benchmarks/`` use: genes read (most variable of the training cells,
+#: which are also the vocabulary), tokens per cell, SC-MAMBA2's zero genes, batch, pretraining steps / peak lr,
+#: fine-tuning steps / lr (chosen on the validation donor human2 of Baron human; see the module docstring).
+RECIPES = {
+    "scmamba2": dict(n_top_genes=128, max_length=129, include_zero_genes=True, batch_size=16, pretrain_steps=1000,
+                     pretrain_lr=2e-3, finetune_steps=300, finetune_lr=3e-3),
+    "cellfm": dict(n_top_genes=1000, max_length=512, include_zero_genes=False, batch_size=16, pretrain_steps=1000,
+                   pretrain_lr=2e-3, finetune_steps=600, finetune_lr=3e-3),
+    "mouse_genemamba": dict(n_top_genes=1000, max_length=128, include_zero_genes=False, batch_size=16,
+                            pretrain_steps=1000, pretrain_lr=2e-3, finetune_steps=300, finetune_lr=3e-3),
+}
 
 
 def prepare_split(adata, dataset: str, *, test_fraction: float = 0.2, seed: int = 0):
@@ -103,12 +124,17 @@ def prepare_split(adata, dataset: str, *, test_fraction: float = 0.2, seed: int 
 
 
 def build_tokenizer(adata, family, *, max_length: int, fit_on=None, n_top_genes: int | None = None,
-                    batch_key: str | None = None):
+                    batch_key: str | None = None, include_zero_genes: bool = False):
     """A tokenizer of ``family``'s encoding over the genes of ``adata`` that map to the species' GENCODE IDs
     (uniquely: genes sharing an ID are dropped from the vocabulary list, their counts are still summed by the
-    tokenizer); rank medians are fitted on ``fit_on`` (default ``adata``); with ``n_top_genes`` it reads only
-    the most variable genes of ``fit_on`` (per ``batch_key`` batch if given, see
-    :meth:`~hf_scfm.tokenization.GeneTokenizer.select_highly_variable_genes`)."""
+    tokenizer); rank medians are fitted on ``fit_on`` (default ``adata``).
+
+    With ``n_top_genes`` it reads only the most variable genes of ``fit_on`` (per ``batch_key`` batch if given, see
+    :meth:`~hf_scfm.tokenization.GeneTokenizer.select_highly_variable_genes`), and **the vocabulary is those
+    genes**: a model built for it has an embedding (and, for Mouse-GeneMamba, a next-gene softmax) of
+    ``n_top_genes + 6`` rows instead of ~15-18k, of which every row is trained; the subset is also selected, so a
+    query with all its genes passes the match check. ``include_zero_genes`` (binned encoding) puts every selected
+    gene in every sentence, zeros as bin 0 (SC-MAMBA2's whole-panel input)."""
     from .tokenization import GeneTokenizer
 
     species = adata.uns.get("species", family.species)
@@ -117,13 +143,15 @@ def build_tokenizer(adata, family, *, max_length: int, fit_on=None, n_top_genes:
     genes = [g for g in adata.var_names if g not in report.unmatched and g not in report.duplicates]
     if not genes:
         raise ValueError(f"None of the dataset's genes map to the {species} vocabulary: {report.summary()}")
-    tokenizer = GeneTokenizer.from_species(species, encoding=family.encoding, genes=genes,
-                                           model_max_length=max_length)
-    if family.encoding == "rank":
-        tokenizer.fit_medians(fit_on if fit_on is not None else adata)
+    fit_on = fit_on if fit_on is not None else adata
+    settings = dict(model_max_length=max_length, include_zero_genes=include_zero_genes)
+    tokenizer = GeneTokenizer.from_species(species, encoding=family.encoding, genes=genes, **settings)
     if n_top_genes:
-        tokenizer.select_highly_variable_genes(fit_on if fit_on is not None else adata, n_top_genes,
-                                               batch_key=batch_key)
+        selected = tokenizer.select_highly_variable_genes(fit_on, n_top_genes, batch_key=batch_key)
+        tokenizer = GeneTokenizer.from_species(species, encoding=family.encoding, genes=selected, **settings)
+        tokenizer.select_genes(selected)
+    if family.encoding == "rank":
+        tokenizer.fit_medians(fit_on)
     return tokenizer
 
 
@@ -170,18 +198,22 @@ def _print_table(rows: list[tuple[str, dict]]) -> str:
 class QuickstartArguments:
     """What ``hf-scfm quickstart`` takes (every field has a default: ``hf-scfm quickstart`` alone is the main job)."""
 
-    model: str = field(default="scmamba2", metadata={"choices": sorted(FAMILIES), "help": "model family"})
+    model: str = field(default=DEFAULT_MODEL, metadata={
+        "choices": sorted(FAMILIES),
+        "help": f"model family (default {DEFAULT_MODEL}: the family that annotates best in the benchmark)"})
     out: str = field(default="quickstart_out", metadata={"help": "output folder (files of a previous run are "
                                                                  "overwritten)"})
     dataset: str | None = field(default=None, metadata={
         "help": "bundled dataset: baron_human, baron_mouse or pbmc68k (default: the family's species)"})
-    max_length: int | None = field(default=None, metadata={"help": f"tokens per cell, specials included (default "
-                                                                   f"{DEFAULT_MAX_LENGTH})"})
-    n_top_genes: int | None = field(default=N_TOP_GENES, metadata={
-        "help": f"genes read per cell: the N most variable of the training cells (0 = all; default {N_TOP_GENES})"})
-    pretrain_steps: int = field(default=150, metadata={"help": "pretraining steps"})
-    finetune_steps: int = field(default=300, metadata={"help": "fine-tuning steps"})
-    batch_size: int = field(default=16, metadata={"help": "cells per batch (pretraining and fine-tuning)"})
+    max_length: int | None = field(default=None, metadata={"help": "tokens per cell, specials included (default: "
+                                                                   "the family's recipe, quickstart.RECIPES)"})
+    n_top_genes: int | None = field(default=-1, metadata={
+        "help": "genes read per cell: the N most variable of the training cells (0 = all; default -1: the family's "
+                "recipe, quickstart.RECIPES)"})
+    pretrain_steps: int | None = field(default=None, metadata={"help": "pretraining steps (default: the recipe's)"})
+    finetune_steps: int | None = field(default=None, metadata={"help": "fine-tuning steps (default: the recipe's)"})
+    batch_size: int | None = field(default=None, metadata={"help": "cells per batch (pretraining and fine-tuning; "
+                                                                   "default: the recipe's)"})
     max_cells: int | None = field(default=None, metadata={
         "help": "use at most this many cells (a random subsample; for tests and smoke runs)"})
     seed: int = field(default=0, metadata={"help": "seed of the split, subsample and training"})
@@ -203,11 +235,15 @@ def quickstart(args: QuickstartArguments) -> dict:
     from .training.families import get_family
 
     started = time.time()
-    model, seed, batch_size, progress = args.model, args.seed, args.batch_size, args.progress
-    pretrain_steps, finetune_steps = args.pretrain_steps, args.finetune_steps
+    model, seed, progress = args.model, args.seed, args.progress
     family = get_family(model)
     dataset = args.dataset or DEFAULT_DATASET[family.species]
-    max_length = args.max_length or DEFAULT_MAX_LENGTH
+    recipe = RECIPES[model]
+    max_length = args.max_length or recipe["max_length"]
+    pretrain_steps = args.pretrain_steps or recipe["pretrain_steps"]
+    finetune_steps = args.finetune_steps or recipe["finetune_steps"]
+    batch_size = args.batch_size or recipe["batch_size"]
+    n_top_genes = recipe["n_top_genes"] if args.n_top_genes == -1 else args.n_top_genes
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -222,14 +258,16 @@ def quickstart(args: QuickstartArguments) -> dict:
 
     t0 = time.time()
     batches = train.obs["batch"].astype(str).nunique() if "batch" in train.obs else 1
-    tokenizer = build_tokenizer(adata, family, max_length=max_length, fit_on=train, n_top_genes=args.n_top_genes,
-                                batch_key="batch" if batches > 1 else None)
+    tokenizer = build_tokenizer(adata, family, max_length=max_length, fit_on=train, n_top_genes=n_top_genes,
+                                batch_key="batch" if batches > 1 else None,
+                                include_zero_genes=recipe["include_zero_genes"])
     genes_read = f"reads the {len(tokenizer.gene_subset):,} most variable genes" if tokenizer.gene_subset else \
         "reads all genes"
     print(f"[2/6] tokenizer: {family.encoding} encoding, {len(tokenizer):,} tokens, {genes_read}, max_length "
           f"{max_length}")
     summary = pretrain_tiny(model, train, tokenizer, work, steps=pretrain_steps, batch_size=batch_size,
-                            max_length=max_length, seed=seed, progress=progress)
+                            max_length=max_length, learning_rate=recipe["pretrain_lr"], seed=seed,
+                            progress=progress)
     loss_png = out / "pretrain_loss_curve.png"
     if summary.get("loss_curve"):
         shutil.copyfile(summary["loss_curve"], loss_png)
@@ -247,7 +285,8 @@ def quickstart(args: QuickstartArguments) -> dict:
 
     with quiet_load_report():  # the load report (new head, dropped pretraining head) is expected here
         finetune_classifier(work / "pretrained", train_h5ad, classifier, steps=finetune_steps,
-                            batch_size=batch_size, seed=seed, options=FINETUNE_OPTIONS.get(model, {}))
+                            batch_size=batch_size, learning_rate=recipe["finetune_lr"], seed=seed,
+                            max_length=max_length, options=FINETUNE_OPTIONS.get(model, {}))
     print(f"[4/6] fine-tuned for annotation ({finetune_steps} steps, all weights) in {time.time() - t0:.0f} s")
 
     t0 = time.time()
@@ -260,12 +299,20 @@ def quickstart(args: QuickstartArguments) -> dict:
 
     t0 = time.time()
     baseline = logistic_regression_baseline(train, test, LABEL_KEY, seed=seed, warn=False)
-    print(f"[6/6] logistic-regression baseline fitted in {time.time() - t0:.0f} s")
+    same_genes = None
+    if tokenizer.gene_subset:  # the fair comparison: a linear model reading exactly the genes the model reads
+        unmatched = tokenizer.mapping_report(train).unmatched
+        read = [g for g in train.var_names if g not in unmatched]
+        same_genes = logistic_regression_baseline(train, test, LABEL_KEY, seed=seed, warn=False, genes=read)
+    print(f"[6/6] logistic-regression baselines fitted in {time.time() - t0:.0f} s")
 
     card = out / "model_card.md"
     shutil.copyfile(classifier / "README.md", card)
-    table = _print_table([(f"{model} (tiny, pretrained + fine-tuned)", metrics),
-                          ("logistic regression (log-normalised counts)", baseline["metrics"])])
+    rows = [(f"{model} (tiny, pretrained + fine-tuned)", metrics)]
+    if same_genes is not None:
+        rows.append((f"logistic regression, the model's {len(tokenizer.gene_subset):,} genes", same_genes["metrics"]))
+    rows.append(("logistic regression (log-normalised counts)", baseline["metrics"]))
+    table = _print_table(rows)
     result = {
         "model": model, "dataset": dataset, "split": split, "n_train": int(train.n_obs), "n_query": int(test.n_obs),
         "max_length": max_length, "n_top_genes": len(tokenizer.gene_subset or []) or None,
@@ -273,6 +320,7 @@ def quickstart(args: QuickstartArguments) -> dict:
         "finetune_steps": finetune_steps,
         "metrics": {k: v for k, v in metrics.items()},
         "baseline_metrics": {k: v for k, v in baseline["metrics"].items()},
+        "baseline_same_genes_metrics": dict(same_genes["metrics"]) if same_genes is not None else None,
         "paths": {"annotated": str(annotated_path), "confusion_matrix": str(confusion),
                   "loss_curve": str(loss_png) if loss_png.exists() else None, "model_card": str(card),
                   "classifier": str(classifier), "pretrained": str(work / "pretrained")},

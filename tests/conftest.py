@@ -182,3 +182,16 @@ def python_without_hf_scfm(tmp_path):
         )
 
     return run
+
+
+def import_script(path, name: str):
+    """Import a script that is not in a package (``benchmarks/*.py``) as module ``name``; a generator for a
+    fixture: yields the module, then removes it from ``sys.modules``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(name, None)

@@ -207,6 +207,25 @@ def test_logistic_regression_baseline(trained, monkeypatch):
     assert result["probabilities"].shape == (N_QUERY, len(result["classes"]))
     assert result["predictions"].shape == (N_QUERY,)
 
+    # genes=: the same fit on those columns of log1p(CP10k) normalised by the library size of *all* genes
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    genes = list(train.var_names[::3][:20])
+    cols_tr, cols_q = train.var_names.get_indexer(genes), query.var_names.get_indexer(genes)
+    x_tr, x_q = log_normalize(train)[:, cols_tr], log_normalize(query)[:, cols_q]
+    y = train.obs["cell_type"].astype(str)
+    same = logistic_regression_baseline(train, query, "cell_type", genes=genes)
+    assert same["n_genes"] == len(genes) == 20
+    expected = LogisticRegression(C=1.0, max_iter=1000, random_state=0).fit(x_tr, y).predict_proba(x_q)
+    np.testing.assert_allclose(same["probabilities"], expected, atol=1e-6)
+    pca = PCA(n_components=5, random_state=0).fit(x_tr.toarray())
+    expected = LogisticRegression(C=1.0, max_iter=1000, random_state=0).fit(pca.transform(x_tr.toarray()), y)
+    got = logistic_regression_baseline(train, query, "cell_type", genes=genes, pca_components=5)
+    np.testing.assert_allclose(got["probabilities"], expected.predict_proba(pca.transform(x_q.toarray())), atol=1e-6)
+    with pytest.raises(ValueError, match="1 of the 2 genes are not var_names.*NOPE"):
+        logistic_regression_baseline(train, query, "cell_type", genes=[genes[0], "NOPE"])
+
     monkeypatch.setitem(sys.modules, "sklearn.linear_model", None)
     with pytest.raises(ImportError, match="pip install scikit-learn"):
         logistic_regression_baseline(train, query, "cell_type")

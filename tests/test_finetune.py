@@ -181,3 +181,34 @@ def test_metrics_match_sklearn():
     assert got["accuracy"] == pytest.approx(accuracy_score(labels, preds), abs=1e-12)
     for key, fn in (("f1_macro", f1_score), ("precision_macro", precision_score), ("recall_macro", recall_score)):
         assert got[key] == pytest.approx(fn(labels, preds, average="macro", zero_division=0), abs=1e-12), key
+
+
+def test_warmup_ratio_and_hvg_flavor_reach_the_trainer_and_the_tokenizer(setup, tmp_path, monkeypatch):
+    """--warmup-steps R with R in [0, 1): the Trainer warms the learning rate up over R of the steps (then decays
+    it linearly); --hvg-flavor: the flavour of the --n-top-genes selection."""
+    import anndata
+    import transformers
+
+    from hf_scfm.tokenization import GeneTokenizer
+
+    seen = {}
+    original = transformers.Trainer.create_scheduler
+
+    def spy(self, num_training_steps, optimizer=None):
+        scheduler = original(self, num_training_steps, optimizer)
+        seen["lrs"] = [scheduler.lr_lambdas[0](step) for step in range(num_training_steps)]
+        return scheduler
+
+    monkeypatch.setattr(transformers.Trainer, "create_scheduler", spy)
+    model_dir, h5ad = setup["cellfm"]
+    out = tmp_path / "clf"
+    finetune(*parse("--model", str(model_dir), "--train", str(h5ad), "--label-key", "cell_type", "--out", str(out),
+                    "--max-steps", "8", "--batch-size", "8", "--max-length", "64", "--no-lora", "--warmup-steps",
+                    "0.5", "--n-top-genes", "30", "--hvg-flavor", "seurat"))
+    assert seen["lrs"][:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert seen["lrs"][5:] == pytest.approx([0.75, 0.5, 0.25])
+    expected = GeneTokenizer.from_pretrained(str(model_dir))
+    assert expected.select_highly_variable_genes(anndata.read_h5ad(h5ad), 30, flavor="seurat") == \
+        GeneTokenizer.from_pretrained(str(out)).gene_subset
+    finetune(*ft_args(model_dir, h5ad, tmp_path / "default", "--no-lora"))
+    assert seen["lrs"][0] == pytest.approx(1.0)  # no warm-up by default

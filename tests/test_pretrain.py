@@ -242,3 +242,23 @@ def test_checkpoints_hold_no_pickle_and_resume_never_unpickles(corpora, tmp_path
     (ckpt / "optimizer.bin").write_bytes(b"never read")
     with pytest.raises(ResumeError, match=r"pickled training state \['optimizer.bin'\]"):
         run("cellfm", corpora["cellfm"], out, "--resume", str(ckpt))
+
+
+def test_each_step_draws_new_masks_and_evaluation_keeps_its_own(corpora):
+    """Dynamic masking: the same cells collated at two steps get other masked positions, at the same step the same
+    ones (so a resumed run and any number of processes see the same batches), and pretraining's held-out
+    evaluation uses a mask epoch no training step uses."""
+    from hf_scfm.data import DataCollatorForMaskedRegression, load_corpus
+    from hf_scfm.training.pretrain_data import EVAL_MASK_EPOCH, collate_step
+
+    ds = load_corpus(str(corpora["cellfm"]), streaming=True, columns=["input_ids", "values"])
+    records = [r for _, r in zip(range(8), ds)]
+    collator = DataCollatorForMaskedRegression(seed=0)
+    step3 = collate_step(collator, records, 3, 2)
+    assert [len(b["labels"]) for b in step3] == [4, 4]
+    step4 = collate_step(collator, records, 4, 2)
+    again = collate_step(DataCollatorForMaskedRegression(seed=0), records, 3, 2)
+    for a, b, c in zip(step3, step4, again):
+        assert not torch.equal(a["labels"] != -100, b["labels"] != -100)
+        assert torch.equal(a["labels"], c["labels"]) and torch.equal(a["input_ids"], c["input_ids"])
+    assert collator.epoch == 5 and EVAL_MASK_EPOCH < 1  # steps use epochs 1, 2, ...: never the evaluation's

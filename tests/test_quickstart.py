@@ -30,7 +30,7 @@ def test_quickstart_small_budget_writes_everything(tmp_path, one_thread, capsys)
     result = quickstart(QuickstartArguments(out=str(out), max_cells=300, pretrain_steps=3, finetune_steps=6,
                                             max_length=32, batch_size=8, progress=False))
     printed = capsys.readouterr().out
-    assert result["model"] == "scmamba2" and result["dataset"] == "baron_human"
+    assert result["model"] == "cellfm" and result["dataset"] == "baron_human"
     assert "held-out donor human4" in result["split"]
 
     paths = result["paths"]
@@ -40,28 +40,34 @@ def test_quickstart_small_budget_writes_everything(tmp_path, one_thread, capsys)
     for png in (paths["confusion_matrix"], paths["loss_curve"]):
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     card = open(paths["model_card"]).read()
-    assert "scmamba2" in card.lower() and "annotat" in card.lower()
+    assert "cellfm" in card.lower() and "annotat" in card.lower()
 
     annotated = anndata.read_h5ad(paths["annotated"])
     assert annotated.n_obs == result["n_query"] > 0 and set(annotated.obs["batch"]) == {"human4"}
     assert annotated.obs[PREDICTION_KEY].notna().all()
     np.testing.assert_allclose(annotated.obsm[PROBABILITIES_KEY].sum(1), 1.0, atol=1e-5)
 
-    m, lr = result["metrics"], result["baseline_metrics"]
-    for metrics in (m, lr):
+    m, lr, same = result["metrics"], result["baseline_metrics"], result["baseline_same_genes_metrics"]
+    for metrics in (m, lr, same):
         assert all(0.0 <= metrics[k] <= 1.0 for k in ("accuracy", "f1_macro", "precision_macro", "recall_macro"))
         assert metrics["n_scored"] + metrics["n_excluded"] == result["n_query"]
     assert lr["accuracy"] > 0.7  # the baseline on real cells: a sanity check of the split and the labels
-    assert "| logistic regression (log-normalised counts) |" in printed and "| scmamba2" in printed
+    assert "| logistic regression (log-normalised counts) |" in printed and "| cellfm" in printed
+    assert f"| logistic regression, the model's {saved_genes(out):,} genes |" in printed
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"]["accuracy"] == pytest.approx(m["accuracy"])
-    # the classifier reads the training cells' most variable genes, and SC-MAMBA2 pools by the mean
-    from hf_scfm.quickstart import N_TOP_GENES
+    # the classifier reads the training cells' most variable genes (the recipe's number; also the vocabulary)
+    from hf_scfm.quickstart import RECIPES
     from hf_scfm.tokenization import GeneTokenizer
 
-    assert len(GeneTokenizer.from_pretrained(paths["classifier"]).gene_subset) == saved["n_top_genes"] == N_TOP_GENES
-    assert json.loads((out / "classifier" / "config.json").read_text())["pooling"] == "mean"
-    assert f"reads the {N_TOP_GENES:,} most variable genes" in printed
+    n_top = RECIPES["cellfm"]["n_top_genes"]
+    tok = GeneTokenizer.from_pretrained(paths["classifier"])
+    assert len(tok.gene_subset) == saved["n_top_genes"] == n_top and len(tok) == n_top + 6
+    assert f"reads the {n_top:,} most variable genes" in printed
+
+
+def saved_genes(out) -> int:
+    return json.loads((out / "metrics.json").read_text())["n_top_genes"]
 
 
 def test_splits_hold_out_a_donor_or_a_stratified_fraction():
@@ -88,10 +94,36 @@ def test_quickstart_arguments():
 
     function, (args,) = parse(["quickstart"])
     assert function is quickstart and args == QuickstartArguments()
-    assert (args.model, args.out, args.dataset, args.max_length) == ("scmamba2", "quickstart_out", None, None)
+    assert (args.model, args.out, args.dataset, args.max_length) == ("cellfm", "quickstart_out", None, None)
+    assert (args.pretrain_steps, args.finetune_steps, args.n_top_genes) == (None, None, -1)  # the recipe's
     _, (args,) = parse(["quickstart", "--model", "mouse_genemamba", "--out", "x", "--dataset", "pbmc68k"])
     assert (args.model, args.out, args.dataset) == ("mouse_genemamba", "x", "pbmc68k")
     with pytest.raises(SystemExit):
         parse(["quickstart", "--model", "bert"])
     with pytest.raises(ValueError, match="'bert' is not a model family"):
         QuickstartArguments(model="bert")
+
+
+def test_build_tokenizer_vocabulary_is_the_selected_genes():
+    """With n_top_genes the vocabulary is the training cells' most variable genes (rank medians fitted on them),
+    the subset is selected (a query with all its genes passes the match check), and include_zero_genes puts every
+    selected gene in every binned sentence."""
+    from hf_scfm.data import load_example
+    from hf_scfm.quickstart import build_tokenizer
+    from hf_scfm.tokenization import GeneTokenizer
+    from hf_scfm.training.families import get_family
+
+    adata = load_example("baron_human")
+    train = adata[adata.obs["batch"].astype(str) != "human4"].copy()
+    expected = GeneTokenizer.from_species("human", encoding="rank")
+    genes = expected.select_highly_variable_genes(train, 200, batch_key="batch")
+    tok = build_tokenizer(adata, get_family("mouse_genemamba"), max_length=64, fit_on=train, n_top_genes=200,
+                          batch_key="batch")
+    assert tok.genes == genes and tok.gene_subset == genes and len(tok) == 206
+    assert tok.medians_fitted and set(tok.gene_medians) <= set(genes)
+    ids = np.asarray(tok(adata[-20:], return_tensors="np")["input_ids"])  # a query of all 20k genes
+    assert ids.max() < 206
+    binned = build_tokenizer(adata, get_family("scmamba2"), max_length=201, fit_on=train, n_top_genes=200,
+                             batch_key="batch", include_zero_genes=True)
+    enc = binned(adata[:5], return_tensors="np")
+    assert enc["input_ids"].shape == (5, 201) and (enc["values"][:, 1:] == 0).mean() > 0.5

@@ -7,23 +7,18 @@ at 64 tokens (a few seconds, nearly all of it importing torch and transformers i
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import import_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
 
 
 @pytest.fixture(scope="module")
 def scaling():
-    spec = importlib.util.spec_from_file_location("scaling_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from import_script(SCRIPT, "scaling_benchmark")
 
 
 TINY = dict(d_model=16, layers=1, vocab_size=64, repeats=1)

@@ -419,24 +419,52 @@ def test_gene_subset_errors_name_the_problem(cells):
         tok(adata[:, ["INS", "A1BG", "A2M"]].copy())
 
 
-def test_highly_variable_gene_selection_matches_scanpy(cells):
-    """select_highly_variable_genes == scanpy's seurat-flavour HVGs of log1p(CP10k) over the mapped genes."""
+def _mapped_reference(adata, tok):
+    unmatched = tok.mapping_report(adata).unmatched
+    return adata[:, [g for g in adata.var_names if g not in unmatched]].copy()
+
+
+@pytest.mark.parametrize("flavor", ["pearson_residuals", "seurat"])
+def test_highly_variable_gene_selection_matches_scanpy(cells, flavor):
+    """select_highly_variable_genes == scanpy's HVGs over the mapped genes: Pearson residuals (the default) on the
+    raw counts, the seurat flavour on log1p(CP10k)."""
     import scanpy as sc
 
     adata = hf_scfm.load_example("pbmc68k")
     tok = GeneTokenizer.from_species("human", encoding="binned")
-    chosen = tok.select_highly_variable_genes(adata, n_top_genes=100)
+    kwargs = {} if flavor == "pearson_residuals" else {"flavor": flavor}
+    chosen = tok.select_highly_variable_genes(adata, n_top_genes=100, **kwargs)
     assert len(chosen) == 100 and tok.gene_subset == chosen
 
-    unmatched = tok.mapping_report(adata).unmatched
-    ref = adata.copy()
-    sc.pp.normalize_total(ref, target_sum=1e4)
-    sc.pp.log1p(ref)
-    ref = ref[:, [g for g in ref.var_names if g not in unmatched]].copy()
-    sc.pp.highly_variable_genes(ref, n_top_genes=100, flavor="seurat")
+    ref = _mapped_reference(adata, tok)
+    if flavor == "pearson_residuals":
+        sc.experimental.pp.highly_variable_genes(ref, n_top_genes=100, flavor=flavor)
+    else:
+        sc.pp.normalize_total(ref, target_sum=1e4)
+        sc.pp.log1p(ref)
+        sc.pp.highly_variable_genes(ref, n_top_genes=100, flavor=flavor)
     expected = GeneTokenizer.from_species("human", encoding="binned")
     expected.select_genes(list(ref.var_names[ref.var["highly_variable"]]))
     assert chosen == expected.gene_subset
     with pytest.raises(ValueError, match="batch_key 'donor' is not an obs column"):
         tok.select_highly_variable_genes(adata, 100, batch_key="donor")
     assert tok.gene_subset == chosen  # a failed selection leaves the tokenizer as it was
+    with pytest.raises(ValueError, match="Unknown flavor 'variance'.*pearson_residuals"):
+        tok.select_highly_variable_genes(adata, 100, flavor="variance")
+    assert tok.gene_subset == chosen
+
+
+def test_highly_variable_genes_keep_the_pancreas_markers():
+    """On Baron human's training donors (human1-3, per donor) the default selection keeps the markers of B, A, D,
+    PP, acinar and ductal cells; the seurat dispersion flavour drops INS, GCG and SST (why it is not the default)."""
+    adata = hf_scfm.load_example("baron_human")
+    train = adata[adata.obs["batch"].astype(str) != "human4"].copy()
+    tok = GeneTokenizer.from_species("human", encoding="binned")
+    probe = GeneTokenizer.from_species("human", encoding="binned")
+    probe.select_genes(["INS", "GCG", "SST", "PPY", "PRSS1", "KRT19"])  # symbols -> Ensembl IDs
+    marker_ids = set(probe.gene_subset)
+    chosen = set(tok.select_highly_variable_genes(train, 1000, batch_key="batch"))
+    assert len(chosen) == 1000 and marker_ids <= chosen
+    dispersion = set(tok.select_highly_variable_genes(train, 1000, batch_key="batch", flavor="seurat"))
+    probe.select_genes(["INS", "GCG", "SST"])
+    assert not set(probe.gene_subset) & dispersion

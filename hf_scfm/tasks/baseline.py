@@ -42,8 +42,14 @@ def log_normalize(adata, target_sum: float = 1e4):
 
 
 def logistic_regression_baseline(train, test, label_key: str = "cell_type", *, C: float = 1.0, max_iter: int = 1000,
-                                 class_weight: str | None = None, seed: int = 0, warn: bool = True) -> dict[str, Any]:
+                                 class_weight: str | None = None, seed: int = 0, warn: bool = True,
+                                 genes=None, pca_components: int | None = None) -> dict[str, Any]:
     """Fit on ``train``, predict ``test`` (AnnData of raw counts, labels in ``obs[label_key]``).
+
+    ``genes``: fit on these var_names only (e.g. the genes a model's tokenizer reads: the fair comparison for a
+    model that never sees the others); each cell is still normalised by the library size of all its genes, as the
+    tokenizer does. ``pca_components``: fit on that many principal components of the (centred) log-normalised
+    genes, the PCA fitted on ``train`` (sklearn ``PCA``, seeded).
 
     Returns ``{"predictions": array of str, "probabilities": [n_test, n_classes], "classes": [...],
     "metrics": {...}, "fit_seconds": float, "n_genes": int}``; ``metrics`` as
@@ -57,11 +63,23 @@ def logistic_regression_baseline(train, test, label_key: str = "cell_type", *, C
     check_label_key(train, label_key, "the training cells")
     check_label_key(test, label_key, "the test cells")
     shared = train.var_names.intersection(test.var_names, sort=False)
+    if genes is not None:
+        missing = [g for g in genes if g not in set(shared)]
+        if missing:
+            raise ValueError(f"{len(missing)} of the {len(genes)} genes are not var_names of both the train and the "
+                             f"test cells (e.g. {', '.join(map(str, missing[:5]))}); pass genes both measure.")
+        shared = type(shared)(list(genes))
     if len(shared) == 0:
         raise ValueError("The train and test cells share no gene (var_names); use the same gene identifiers.")
     # normalise on all genes of each cell (library size), then keep the shared ones
     x_train = log_normalize(train)[:, train.var_names.get_indexer(shared)]
     x_test = log_normalize(test)[:, test.var_names.get_indexer(shared)]
+    if pca_components:
+        from sklearn.decomposition import PCA
+
+        x_train, x_test = x_train.toarray(), x_test.toarray()
+        pca = PCA(n_components=min(int(pca_components), *x_train.shape), random_state=seed).fit(x_train)
+        x_train, x_test = pca.transform(x_train), pca.transform(x_test)
     y_train = train.obs[label_key].astype(str).to_numpy()
     if len(np.unique(y_train)) < 2:
         raise ValueError(f"The training cells have {len(np.unique(y_train))} distinct label(s); need >= 2.")

@@ -73,9 +73,12 @@ class FinetuneArguments:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     max_length: int | None = field(default=None, metadata={"help": "tokens per cell (default: the tokenizer's)"})
     n_top_genes: int | None = field(default=None, metadata={
-        "metavar": "N", "help": "read only the N most variable genes of --train (scanpy 'seurat' dispersion, per "
-                                "--hvg-batch-key batch if given); saved with the tokenizer, so annotate reads queries "
-                                "the same way (default: the checkpoint tokenizer's genes)"})
+        "metavar": "N", "help": "read only the N most variable genes of --train (--hvg-flavor, per --hvg-batch-key "
+                                "batch if given); saved with the tokenizer, so annotate reads queries the same way "
+                                "(default: the checkpoint tokenizer's genes)"})
+    hvg_flavor: str = field(default="pearson_residuals", metadata={
+        "metavar": "FLAVOR", "help": "scanpy flavour of --n-top-genes: pearson_residuals (default, on raw counts), "
+                                     "seurat_v3, seurat or cell_ranger (see GeneTokenizer.select_highly_variable_genes)"})
     hvg_batch_key: str | None = field(default=None, metadata={
         "metavar": "KEY", "help": "obs column of batches for --n-top-genes (genes variable within batches)"})
     class_weight: str = field(default="none", metadata={
@@ -337,7 +340,7 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     train_adata = anndata.read_h5ad(args.train)
     if args.n_top_genes:
         tokenizer.select_highly_variable_genes(train_adata, args.n_top_genes, batch_key=args.hvg_batch_key,
-                                               layer=args.layer)
+                                               flavor=args.hvg_flavor, layer=args.layer)
     train_records = cell_records(train_adata, tokenizer, args.label_key, args.max_length, args.train, args.layer)
     label_names = sorted({r[LABEL_COLUMN] for r in train_records})
     if len(label_names) < 2:

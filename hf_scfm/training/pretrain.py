@@ -63,7 +63,8 @@ from .checkpoint import (
 )
 from .families import FAMILIES
 from .hub import write_weights_manifest
-from .pretrain_data import CorpusParts, StepStream, corpus_tokenizer, held_out_batches, split_micro_batches
+from .pretrain_data import (EVAL_MASK_EPOCH, CorpusParts, StepStream, collate_step, corpus_tokenizer,
+                            held_out_batches)
 from .run_log import LOSS_CURVE, METRICS_FILE, MetricsLogger, plot_loss_curve
 
 __all__ = ["PretrainArguments", "pretrain", "ResumeError", "evaluate_loss", "save_checkpoint"]
@@ -251,8 +252,8 @@ def pretrain(args: PretrainArguments) -> dict[str, Any]:
     last_loss = eval_loss = grad_norm = None
     micro: list[dict] = []
     while step < args.max_steps:
-        micro = [_to_device(collator(records), accelerator.device)
-                 for records in split_micro_batches(stream.next_step(), accumulation)]
+        micro = [_to_device(batch, accelerator.device)
+                 for batch in collate_step(collator, stream.next_step(), step, accumulation)]
         items = torch.stack([objective.loss_items(batch) for batch in micro]).to(torch.float64)
         total = accelerator.reduce(items.sum(), reduction="sum")
         if total <= 0:
@@ -391,6 +392,8 @@ def evaluate_loss(model, parts, part_ids, collator, objective, batch_size: int, 
         return None
     fsdp = is_fsdp_model(model)
     net = model if fsdp else accelerator.unwrap_model(model)  # no collectives in a plain forward
+    if hasattr(collator, "set_epoch"):
+        collator.set_epoch(EVAL_MASK_EPOCH)  # the same held-out masks at every evaluation
     batches = held_out_batches(parts, part_ids, batch_size, max_cells_per_part)
     rounds = None
     if fsdp:

@@ -19,7 +19,7 @@ import math
 import zlib
 from pathlib import Path
 
-__all__ = ["is_eval_cell", "corpus_tokenizer", "CorpusParts", "StepStream", "split_micro_batches",
+__all__ = ["is_eval_cell", "corpus_tokenizer", "CorpusParts", "StepStream", "split_micro_batches", "collate_step", "EVAL_MASK_EPOCH",
            "held_out_batches"]
 
 
@@ -125,6 +125,23 @@ def split_micro_batches(records: list, n: int) -> list[list]:
         out.append(records[start:stop])
         start = stop
     return out
+
+
+#: The mask epoch of held-out evaluation: the same masked positions at every evaluation, so the curve compares.
+EVAL_MASK_EPOCH = 0
+
+
+def collate_step(collator, records: list, step: int, accumulation: int) -> list[dict]:
+    """The micro-batches of optimizer step ``step`` (0-based), collated with that step's masks.
+
+    Dynamic masking (RoBERTa's, scGPT's): masks depend on (seed, epoch, cell) and the collator's epoch here is
+    the step number plus one, so a cell gets new masked positions every time it is read, while a corpus of a few
+    thousand cells read with one fixed set of masks would be memorised within a few hundred steps. The step is the
+    same for every process and after a resume, so any number of processes and a resumed run see the same masks;
+    held-out evaluation uses :data:`EVAL_MASK_EPOCH` (never a training step's)."""
+    if hasattr(collator, "set_epoch"):  # the next-gene objective has no masks
+        collator.set_epoch(step + 1)
+    return [collator(part) for part in split_micro_batches(records, accumulation)]
 
 
 def held_out_batches(parts: CorpusParts, part_ids: list[int], batch_size: int, max_cells_per_part: int):
