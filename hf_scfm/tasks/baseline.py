@@ -64,7 +64,8 @@ def logistic_regression_baseline(train, test, label_key: str = "cell_type", *, C
     check_label_key(test, label_key, "the test cells")
     shared = train.var_names.intersection(test.var_names, sort=False)
     if genes is not None:
-        missing = [g for g in genes if g not in set(shared)]
+        measured = set(shared)
+        missing = [g for g in genes if g not in measured]
         if missing:
             raise ValueError(f"{len(missing)} of the {len(genes)} genes are not var_names of both the train and the "
                              f"test cells (e.g. {', '.join(map(str, missing[:5]))}); pass genes both measure.")
