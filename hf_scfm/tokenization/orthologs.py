@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 from functools import lru_cache
 from importlib import resources
 
@@ -52,7 +51,7 @@ def ortholog_table(source: str, target: str) -> dict[str, str]:
         raise FileNotFoundError(f"The ortholog table {ORTHOLOG_TABLE} is not installed beside {__name__}: install "
                                 "hf-scfm to map orthologs.")
     with resources.as_file(path) as p, gzip.open(p, "rt", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(io.StringIO(fh.read())))
+        rows = list(csv.DictReader(fh))
     pairs = {(row["mouse_symbol"], row["human_symbol"]) for row in rows}
     if source == "mouse":
         return {m.upper(): h for m, h in pairs}
