@@ -310,6 +310,16 @@ def _map_blocks(fn, spans):
 
 def encode_rank_csr(counts, colmap: ColumnMap, n_counts: np.ndarray, medians: np.ndarray, n_genes: int,
                     block_entries: int = RANK_BLOCK_ENTRIES) -> GeneSentences | None:
+    """:func:`encode_rank_flat` as :class:`GeneSentences` (no special tokens), or None (see there)."""
+    flat = encode_rank_flat(counts, colmap, n_counts, medians, n_genes, block_entries=block_entries)
+    if flat is None:
+        return None
+    _, token, value, lengths = flat
+    return GeneSentences(token=token, value=value, lengths=lengths)
+
+
+def encode_rank_flat(counts, colmap: ColumnMap, n_counts: np.ndarray, medians: np.ndarray, n_genes: int,
+                     prefix=(), suffix=(), ids_dtype=np.int64, block_entries: int = RANK_BLOCK_ENTRIES):
     """Rank encoding straight from a CSR chunk (input column order), one ``np.sort`` per group of rows.
 
     Same sentences as ``encode_rank(gather_entries(...))`` without building the canonical (token-ordered)
@@ -322,8 +332,11 @@ def encode_rank_csr(counts, colmap: ColumnMap, n_counts: np.ndarray, medians: np
     explicit zeros get score 0 and a token field past every token: they sort last in their row, and one
     ``searchsorted`` per group counts the valid entries of each row. One ``np.sort`` per group of whole rows
     (about :data:`RANK_SORT_ENTRIES` entries, at most as many rows as the row field holds) orders every row
-    of it. Returns None when the fast path does not apply (input columns mapping to the same token, which
-    must be summed first; or a key wider than 64 bits): the caller then uses the canonical path.
+    of it. Returns the flat sentences ``(offsets int64 [B+1], ids, values float32, lengths int64)`` with the
+    ``prefix`` / ``suffix`` special tokens in place (what :func:`flatten_sentences` makes of the canonical
+    path's sentences: the same arrays), each block's genes written straight to their place. Returns None
+    when the fast path does not apply (input columns mapping to the same token, which must be summed first;
+    or a key wider than 64 bits): the caller then uses the canonical path.
     """
     if colmap.has_duplicates:
         return None
@@ -360,7 +373,15 @@ def encode_rank_csr(counts, colmap: ColumnMap, n_counts: np.ndarray, medians: np
     top = np.uint32(0x7FFFFFFF)
     max_rows = 1 << min(rb_max, 30)
     invalid_from = (np.uint64(0x7FFFFFFF) << s_score) | k_field  # keys at or past this (in a row) are invalid
-    ramp = np.arange(block_entries + 2 * int(nnz_row.max(initial=0)) + 1, dtype=np.int64)  # 0, 1, 2, ... (shared)
+    n_pre, n_suf = len(prefix), len(suffix)
+    n_spec = n_pre + n_suf
+    # blocks of whole rows with about block_entries entries each (a long row is a block of its own)
+    edges = np.unique(np.concatenate(([0, n_cells], np.searchsorted(indptr, np.arange(block_entries, nnz, block_entries)))))
+    edges = edges.astype(np.int64)
+    spans = [(r0, r1) for r0, r1 in zip(edges[:-1].tolist(), edges[1:].tolist()) if r1 > r0]
+    # 0, 1, 2, ... shared by the blocks: as long as a block's output (entries, rows, special tokens)
+    ramp = np.arange(int(np.max(np.diff(indptr[edges]) + (n_spec + 1) * np.diff(edges), initial=0)) + 1,
+                     dtype=np.int64)
 
     def block(r0: int, r1: int):
         e0, e1 = int(indptr[r0]), int(indptr[r1])
@@ -406,35 +427,42 @@ def encode_rank_csr(counts, colmap: ColumnMap, n_counts: np.ndarray, medians: np
             ends = np.searchsorted(part, (ramp[:g1 - g0].view(np.uint64) << np.uint64(s_row)) | invalid_from)
             n_valid[g0:g1] = ends + c0 - row_start[g0:g1]
         lengths = np.minimum(n_valid, n_genes)
-        start = np.repeat(row_start, lengths)
-        if not (lengths == nr).all():  # keep each row's first lengths[r] keys (a gather: cheaper than a bool mask)
-            kept_start = np.zeros(n_rows, dtype=np.int64)
-            np.cumsum(lengths[:-1], out=kept_start[1:])
-            take = np.repeat(row_start - kept_start, lengths)
-            take += ramp[:len(take)]
-            key = key[take]
+        # one gather puts the block in its final layout: each row's first lengths[r] keys with n_pre slots before
+        # and n_suf after them (the special tokens' slots read a neighbouring key and are overwritten later)
+        total = lengths + n_spec
+        out_start = np.zeros(n_rows, dtype=np.int64)
+        np.cumsum(total[:-1], out=out_start[1:])
+        take = np.repeat(row_start - out_start - n_pre, total)
+        take += ramp[:len(take)]
+        start = np.repeat(row_start, total)
+        if n_spec or not (lengths == nr).all():
+            key = np.take(key, take, mode="clip")
         entry = key & pos_mask
         entry = entry.view(np.int64)
         entry += start
         key >>= s_pos
         key &= tok_mask
-        value = xn[entry]
+        value = np.take(xn, entry, mode="clip")
         np.log1p(value, out=value)  # in place: a fresh temporary per block costs more than the log
-        value = value.astype(np.float32)
-        token = key.view(np.int64) if token_of is None else token_of[key.view(np.int64)]
+        token = key.view(np.int64) if token_of is None else np.take(token_of, key.view(np.int64), mode="clip")
         return token, value, lengths
 
-    # blocks of whole rows with about block_entries entries each (a long row is a block of its own)
-    edges = np.unique(np.concatenate(([0, n_cells], np.searchsorted(indptr, np.arange(block_entries, nnz, block_entries)))))
-    edges = edges.astype(np.int64).tolist()
-    spans = [(r0, r1) for r0, r1 in zip(edges[:-1], edges[1:]) if r1 > r0]
     parts = _map_blocks(block, spans)
+    gene_len = np.concatenate([p[2] for p in parts]) if parts else np.zeros(n_cells, np.int64)
+    lengths = gene_len + n_spec
+    offsets = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     if not parts:
-        return GeneSentences(token=np.zeros(0, np.int64), value=np.zeros(0, np.float32),
-                             lengths=np.zeros(n_cells, np.int64))
-    out_tok, out_val, out_len = zip(*parts)
-    return GeneSentences(token=np.concatenate(out_tok), value=np.concatenate(out_val),
-                         lengths=np.concatenate(out_len))
+        return offsets, np.zeros(0, ids_dtype), np.zeros(0, np.float32), lengths
+    ids = np.concatenate([p[0] for p in parts], dtype=ids_dtype, casting="unsafe")
+    values = np.concatenate([p[1] for p in parts], dtype=np.float32, casting="unsafe")
+    for j, tid in enumerate(prefix):
+        ids[offsets[:-1] + j] = tid
+        values[offsets[:-1] + j] = 0.0
+    for j, tid in enumerate(suffix):
+        ids[offsets[1:] - n_suf + j] = tid
+        values[offsets[1:] - n_suf + j] = 0.0
+    return offsets, ids, values, lengths
 
 
 def cell_hashes(entries: CellEntries, seed: int, rows: np.ndarray | None = None) -> np.ndarray:
@@ -594,28 +622,33 @@ def split_flat(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def pad_sentences(offsets: np.ndarray, ids: np.ndarray, values: np.ndarray, width: int):
-    """Right-padded ``(input_ids int64 [B, width], values float32, attention_mask int64)`` of flat sentences.
+def pad_sentences(parts, width: int):
+    """Right-padded ``(input_ids int64 [B, width], values float32, attention_mask int64)`` of flat sentences
+    (``parts``: per chunk ``(offsets, ids, values, lengths)``, see :func:`flatten_sentences`).
 
     Padding is id 0 (``<pad>``), value 0.0, mask 0; ``width`` must be at least the longest sentence. Each
     sentence is one contiguous copy into its row (a memcpy per cell: about 3x faster than one fancy-index
     scatter of every token into the padded array, which writes an index array as large as the output).
     """
-    n_cells = len(offsets) - 1
-    lengths = np.diff(offsets)
+    lengths = np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, np.int64)
+    n_cells = len(lengths)
     out_ids = np.zeros((n_cells, width), dtype=np.int64)
     out_val = np.zeros((n_cells, width), dtype=np.float32)
-    if n_cells and (lengths == width).all():
-        out_ids.reshape(-1)[:] = ids
-        out_val.reshape(-1)[:] = values
-    else:
-        bounds = offsets.tolist()
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):  # copies, not per-token Python work
-            out_ids[i, :b - a] = ids[a:b]
-            out_val[i, :b - a] = values[a:b]
+    row = 0
+    for offsets, ids, values, part_len in parts:  # chunks
+        rows = len(part_len)
+        if rows and (part_len == width).all():
+            out_ids[row:row + rows] = ids.reshape(rows, width)
+            out_val[row:row + rows] = values.reshape(rows, width)
+        else:
+            bounds = offsets.tolist()
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=row):  # copies, no per-token Python work
+                out_ids[i, :b - a] = ids[a:b]
+                out_val[i, :b - a] = values[a:b]
+        row += rows
     mask = np.empty((n_cells, width), dtype=np.int64)
     np.less(np.arange(width), lengths[:, None], out=mask)
-    return out_ids, out_val, mask
+    return out_ids, out_val, mask, lengths
 
 
 def flatten_sentences(sentences: list[GeneSentences], prefix: list[int], suffix: list[int],

@@ -60,7 +60,7 @@ from .encodings import (
     encode_binned,
     encode_continuous,
     encode_rank,
-    encode_rank_csr,
+    encode_rank_flat,
     encode_sampled_flat,
     flatten_sentences,
     gather_entries,
@@ -751,17 +751,19 @@ class GeneTokenizer(TokenizersBackend):
         parts, _, _ = self._encode_sentences(cells, gene_ids, max_length=max_length, truncation=truncation, seed=seed,
                                              layer=layer, n_counts=n_counts, check_counts=check_counts,
                                              chunk_size=chunk_size, ids_dtype=np.int64)
-        offsets, ids, values, total = join_flat(parts, np.int64)
-        if unpadded:  # one array per cell, views into the flat buffers (no padded array is made)
-            data = {"input_ids": split_flat(ids, offsets), "values": split_flat(values, offsets),
-                    "attention_mask": split_flat(np.ones(len(ids), dtype=np.int64), offsets)}
+        if unpadded:  # one array per cell, views into the flat buffers of each chunk (no padded array is made)
+            data = {"input_ids": [], "values": [], "attention_mask": []}
+            for offsets, ids, values, _ in parts:
+                data["input_ids"] += split_flat(ids, offsets)
+                data["values"] += split_flat(values, offsets)
+                data["attention_mask"] += split_flat(np.ones(len(ids), dtype=np.int64), offsets)
             if return_length:
-                data["length"] = total.tolist()
+                data["length"] = np.concatenate([p[3] for p in parts]).tolist() if parts else []
             return BatchEncoding(data)
-        width = int(total.max(initial=0))
+        width = max((int(p[3].max(initial=0)) for p in parts), default=0)
         if padding == "max_length":
             width = max(width, max_length)  # max_length counts specials; a longer sentence (truncation=False) wins
-        ids, values, mask = pad_sentences(offsets, ids, values, width)
+        ids, values, mask, total = pad_sentences(parts, width)
         data = {"input_ids": ids, "values": values, "attention_mask": mask}
         if return_length:
             data["length"] = total
@@ -817,15 +819,17 @@ class GeneTokenizer(TokenizersBackend):
         """Flat sentences of one CSR chunk through the NumPy paths (see :meth:`_encode_sentences`): ``rank`` straight
         from the CSR chunk (:func:`encodings.encode_rank_csr`), the rest (and ``rank`` when input columns must be
         summed) over the canonical entries of :func:`encodings.gather_entries`."""
-        fast = encode_rank_csr(counts, colmap, lib, medians, n_genes) if self.encoding == "rank" else None
-        if fast is None:
-            entries = gather_entries(counts, colmap, lib)
-            if self.encoding == "rank":
-                fast = encode_rank(entries, medians, n_genes)
-            elif self.encoding == "continuous":
-                fast = encode_continuous(entries, n_genes, seed)
-            else:
-                fast = encode_binned(entries, n_genes, seed, self.n_bins, self.include_zero_genes, colmap.tokens)
+        if self.encoding == "rank":
+            flat = encode_rank_flat(counts, colmap, lib, medians, n_genes, prefix, suffix, ids_dtype)
+            if flat is not None:
+                return flat
+        entries = gather_entries(counts, colmap, lib)
+        if self.encoding == "rank":
+            fast = encode_rank(entries, medians, n_genes)
+        elif self.encoding == "continuous":
+            fast = encode_continuous(entries, n_genes, seed)
+        else:
+            fast = encode_binned(entries, n_genes, seed, self.n_bins, self.include_zero_genes, colmap.tokens)
         return flatten_sentences([fast], prefix, suffix, ids_dtype=ids_dtype)
 
     def cells_without_genes(self, data, gene_ids=None, layer: str | None = None) -> np.ndarray:
