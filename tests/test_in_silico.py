@@ -57,7 +57,7 @@ def test_delete_equals_hand_edited_sentence(rank_model):
 
     sums, counts = {}, {}
     for row, i in enumerate(holders):
-        ids, vals = enc["input_ids"][i], enc["values"][i]
+        ids, vals = enc["input_ids"][i].tolist(), enc["values"][i].tolist()
         pos = ids.index(t)
         new_ids, new_vals = ids[:pos] + ids[pos + 1:], vals[:pos] + vals[pos + 1:]  # by hand
         emb_o, hid_o = run(model, ids, vals)

@@ -22,6 +22,16 @@ Calling the tokenizer on cells returns a :class:`~transformers.BatchEncoding` of
 encodings (``rank``, ``binned``, ``continuous``) are defined in :mod:`hf_scfm.tokenization.encodings`.
 Calling it on a string (or a list of strings) of gene IDs tokenizes text like any transformers tokenizer.
 
+**Matrix in, arrays out.** With ``return_tensors=None`` (the default) and cells as input (AnnData, ``.h5ad``,
+scipy sparse, ndarray, DataFrame), each key holds a list with **one NumPy array per cell** (int64 ids and mask,
+float32 values), views into one padded ``[B, L]`` buffer (with ``padding=False``: into one flat buffer per
+chunk of ``chunk_size`` cells), the way transformers' image processors and feature extractors answer
+``return_tensors=None``; ``length`` stays a list of ints. Text input keeps Python lists. ``tokenizer.pad``,
+``DataCollatorWithPadding``, the collators of :mod:`hf_scfm.data` and ``datasets.Dataset.from_dict`` /
+``.map(batched=True)`` take the arrays as they take lists (``arr.tolist()`` gives the list); making millions
+of Python numbers instead cost ~20x the encoding itself. ``return_tensors="np"`` / ``"pt"`` give the
+stacked ``[B, L]`` arrays / tensors; :meth:`GeneTokenizer.encode_flat` the unpadded flat arrays.
+
 Choices, written down:
 
 * **Special tokens**: ``rank`` puts ``<bos>`` first and ``<eos>`` last; ``binned`` and ``continuous`` put
@@ -726,10 +736,10 @@ class GeneTokenizer(TokenizersBackend):
             gene_ids: gene names of the matrix columns (Ensembl IDs or symbols).
             max_length: tokens per sentence, specials included (default ``model_max_length``).
             padding: True / "longest" pads to the longest sentence, "max_length" to ``max_length``,
-                False returns ragged lists.
+                False returns one unpadded array per cell.
             truncation: True cuts each cell to ``max_length`` as its encoding says (top-ranked genes for
                 ``rank``, a seeded sample otherwise); False keeps every expressed gene.
-            return_tensors: "pt", "np" or None (lists).
+            return_tensors: "pt", "np" or None (a list with one NumPy array per cell: see the module docstring).
             seed: sampling seed (default: the tokenizer's ``seed``).
             layer: AnnData layer holding the counts (default ``X``).
             n_counts: library sizes (default ``obs["n_counts"]`` if present, else row sums).
