@@ -85,6 +85,27 @@ class CellEntries:
         return self.count.astype(np.float64) / np.repeat(self.n_counts, np.diff(self.indptr)) * TARGET_SUM
 
 
+#: Entries per block of rows for the NumPy ``binned`` / ``continuous`` encodings (:func:`row_blocks`): their ~60
+#: element-wise passes then run on L2-sized arrays (about 2x faster than over a whole 2,048-cell chunk).
+SAMPLED_BLOCK_ENTRIES = 1 << 17
+
+
+def row_blocks(entries: "CellEntries", block_entries: int | None = None):
+    """``entries`` as consecutive blocks of whole rows with about ``block_entries`` entries each (views, no copy).
+    Every encoding is defined cell by cell, so encoding the blocks one by one gives the chunk's sentences."""
+    block_entries = block_entries or SAMPLED_BLOCK_ENTRIES
+    indptr = entries.indptr
+    n = int(indptr[-1])
+    if n <= block_entries:
+        yield entries
+        return
+    edges = np.unique(np.concatenate(([0, entries.n_cells], np.searchsorted(indptr, np.arange(block_entries, n, block_entries)))))
+    for r0, r1 in zip(edges[:-1].tolist(), edges[1:].tolist()):  # a loop over blocks of rows, not over cells
+        a, b = int(indptr[r0]), int(indptr[r1])
+        yield CellEntries(indptr=indptr[r0:r1 + 1] - a, token=entries.token[a:b], count=entries.count[a:b],
+                          n_counts=entries.n_counts[r0:r1])
+
+
 @dataclass
 class ColumnMap:
     """How input columns map to tokens: ``rank[col]`` indexes ``tokens`` (sorted unique), -1 if unmatched."""
