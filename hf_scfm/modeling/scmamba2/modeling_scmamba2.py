@@ -313,6 +313,7 @@ class ScMamba2GatedRMSNorm(nn.Module):
 
     Gating before the norm (Mamba-2's ``norm_before_gate=False``) and normalising each group separately
     keep the layer equivalent under tensor-parallel splits of the groups, as in the Mamba-2 paper.
+    Computed in at least float32, like :class:`ScMamba2RMSNorm` (a float64 model stays float64 throughout).
     """
 
     def __init__(self, hidden_size: int, n_groups: int, eps: float = 1e-5):
@@ -323,7 +324,8 @@ class ScMamba2GatedRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
-        h = hidden_states.float() * F.silu(gate.float())
+        compute = torch.promote_types(dtype, torch.float32)  # half precision in float32, float64 stays float64
+        h = hidden_states.to(compute) * F.silu(gate.to(compute))
         *lead, width = h.shape
         h = h.view(*lead, self.n_groups, width // self.n_groups)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
