@@ -56,6 +56,27 @@ def causal_conv1d(
     return F.silu(out) if activation is not None else out
 
 
+def causal_conv1d_time_major(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """:func:`causal_conv1d` on a time-major ``x`` ``[length, batch, channels]`` (PyTorch only), returning the
+    same layout: ``width`` shifted multiply-adds over contiguous time slices, so a mixer that runs its projections
+    on ``[length, batch, d]`` needs no transpose around the convolution."""
+    _check_activation(activation)
+    if x.dim() != 3:
+        raise ValueError(f"x must be [length, batch, channels], got shape {tuple(x.shape)}.")
+    _check_weight(x.shape[2], weight, bias)
+    length, width = x.shape[0], weight.shape[1]
+    padded = F.pad(x, (0, 0, 0, 0, width - 1, 0))  # zeros before the start; contiguous
+    w = weight.to(x.dtype)
+    out = torch.mul(padded[width - 1 :], w[:, width - 1])
+    for k in range(width - 1):
+        out.addcmul_(padded[k : k + length], w[:, k])
+    if bias is not None:
+        out += bias.to(x.dtype)
+    return F.silu(out, inplace=True) if activation is not None else out
+
+
 def causal_conv1d_update(
     x: torch.Tensor,
     conv_state: torch.Tensor,
