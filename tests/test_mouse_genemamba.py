@@ -173,8 +173,14 @@ def test_no_grad_time_major_path_matches_training_path_and_equations(monkeypatch
     for got in (fast, train.detach()):
         torch.testing.assert_close(got[real], expect[real], atol=1e-12, rtol=1e-10)
     ids, vals, mask = sentences([11, 6, 9], seed=16)
+    import hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba as modeling
+
+    monkeypatch.setattr(modeling, "INFER_TOKENS_PER_PASS", 22)  # 2 rows of 11 tokens per pass: passes of 2 and 1
+    calls.clear()
     with torch.no_grad():
         batch = m(ids, values=vals, attention_mask=mask)
+    assert len(calls) == 2 * m.config.num_hidden_layers
+    with torch.no_grad():
         for r, n in enumerate((11, 6, 9)):
             alone = m(ids[r : r + 1, :n], values=vals[r : r + 1, :n], attention_mask=mask[r : r + 1, :n])
             torch.testing.assert_close(batch.cell_embedding[r], alone.cell_embedding[0], atol=1e-12, rtol=1e-10)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_scfm.modeling.mouse_genemamba import selective_scan as scan_module
-from hf_scfm.modeling.mouse_genemamba.conv import causal_conv1d, causal_conv1d_time_major, causal_conv1d_update
+from hf_scfm.modeling.mouse_genemamba.conv import causal_conv1d, causal_conv1d_channels_last, causal_conv1d_update
 from hf_scfm.modeling.mouse_genemamba.selective_scan import (
     selective_scan,
     selective_scan_reference,
@@ -203,13 +203,16 @@ def test_exp_floor_keeps_strong_decays_exact():
     torch.testing.assert_close(selective_scan(**x, delta_softplus=True), ref, rtol=1e-12, atol=1e-12)
 
 
-def test_time_major_conv_matches_causal_conv1d():
+def test_channels_last_conv_matches_causal_conv1d():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 5, 11, generator=g, dtype=F64)
     w, b = torch.randn(5, 4, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)
     for bias, act in ((b, "silu"), (None, None)):
-        got = causal_conv1d_time_major(x.permute(2, 0, 1), w, bias, act)
-        torch.testing.assert_close(got.permute(1, 2, 0), causal_conv1d(x, w, bias, act), rtol=1e-14, atol=1e-14)
+        expected = causal_conv1d(x, w, bias, act)
+        got = causal_conv1d_channels_last(x.permute(2, 0, 1), w, bias, act, time_dim=0)
+        torch.testing.assert_close(got.permute(1, 2, 0), expected, rtol=1e-14, atol=1e-14)
+        got = causal_conv1d_channels_last(x.transpose(1, 2), w, bias, act, time_dim=1)  # a strided view in
+        torch.testing.assert_close(got.transpose(1, 2), expected, rtol=1e-14, atol=1e-14)
 
 
 def test_causal_conv1d_matches_explicit_sum_and_update_loop():
