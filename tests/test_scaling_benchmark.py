@@ -139,6 +139,10 @@ def test_side_by_side_throughput_and_per_token_reports(scaling):
     table = scaling.throughput_report(fake)
     assert "| 2,048 | Mouse-GeneMamba | 8 | 40.00 / 20.00 | 13.33 | 2.00x / 2.00x |" in table  # best batch kept
     assert "| 16,384 | Mouse-GeneMamba | 1 | 5.00 / 2.50 | 1.67 | 10.00x / 10.00x |" in table
-    train = [dict(model="cellfm", mode="train", length=n, batch=1, cpu_min=n * t * 1e-6, cpu_median=n * t * 2e-6)
+    train = [dict(model="cellfm", mode="train", length=n, batch=1, cpu_min=n * t * 1e-6, cpu_median=n * t * 2e-6,
+                  user_min=n * 1e-5, user_median=n * 2e-5)
              for n, t in ((2048, 10.0), (8192, 11.0), (32768, 13.0))]
-    assert "| CellFM | 10.0 / 20.0 | 11.0 / 22.0 | 13.0 / 26.0 | 1.30x / 1.30x |" in scaling.per_token_report(train)
+    report = scaling.per_token_report(train)
+    assert "| CellFM | CPU | 10.0 / 20.0 | 11.0 / 22.0 | 13.0 / 26.0 | 1.30x / 1.30x |" in report
+    assert "| CellFM | user | 10.0 / 20.0 | 10.0 / 20.0 | 10.0 / 20.0 | 1.00x / 1.00x |" in report
+    assert all(r["user_min"] <= r["cpu_min"] + 1e-3 for r in rows)
