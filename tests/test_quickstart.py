@@ -127,3 +127,8 @@ def test_build_tokenizer_vocabulary_is_the_selected_genes():
                              batch_key="batch", include_zero_genes=True)
     enc = binned(adata[:5], return_tensors="np")
     assert enc["input_ids"].shape == (5, 201) and (enc["values"][:, 1:] == 0).mean() > 0.5
+    # flavor: the earlier recipe's dispersion genes (benchmarks/annotation.py --gene-selection seurat)
+    old = build_tokenizer(adata, get_family("mouse_genemamba"), max_length=64, fit_on=train, n_top_genes=200,
+                          batch_key="batch", flavor="seurat")
+    assert old.genes == expected.select_highly_variable_genes(train, 200, batch_key="batch", flavor="seurat")
+    assert old.genes != genes and len(old) == 206
