@@ -176,16 +176,17 @@ def pretrain_tiny(family_name: str, train, tokenizer, work: Path, *, steps: int,
 
 def finetune_classifier(pretrained: Path, train_h5ad: Path, out: Path, *, steps: int, batch_size: int = 16,
                         learning_rate: float = 3e-3, lora: bool = False, seed: int = 0,
-                        max_length: int | None = None, options: dict | None = None) -> dict:
+                        max_length: int | None = None, options: dict | None = None,
+                        training_options: dict | None = None) -> dict:
     """Fine-tune ``pretrained`` on ``train_h5ad`` into ``out`` (full fine-tuning unless ``lora``, then merged);
     ``options``: more :class:`~hf_scfm.training.finetune.FinetuneArguments` fields (e.g. :data:`FINETUNE_OPTIONS`
-    of the family)."""
+    of the family); ``training_options``: more Trainer arguments (e.g. ``warmup_steps``)."""
     from .training.finetune import FinetuneArguments, FinetuneTrainingArguments, finetune
 
     args = FinetuneArguments(model=str(pretrained), train=str(train_h5ad), label_key=LABEL_KEY, lora=lora, merge=lora,
                              max_length=max_length, **(options or {}))
     training = FinetuneTrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size,
-                                         learning_rate=learning_rate, seed=seed)
+                                         learning_rate=learning_rate, seed=seed, **(training_options or {}))
     return finetune(args, training)
 
 

@@ -132,3 +132,16 @@ def test_build_tokenizer_vocabulary_is_the_selected_genes():
                           batch_key="batch", flavor="seurat")
     assert old.genes == expected.select_highly_variable_genes(train, 200, batch_key="batch", flavor="seurat")
     assert old.genes != genes and len(old) == 206
+
+
+def test_finetune_classifier_passes_training_options(monkeypatch, tmp_path):
+    """training_options reach the Trainer's arguments (the benchmarks' fine-tuning warm-up), beside the recipe's."""
+    import hf_scfm.training.finetune as ft
+    from hf_scfm.quickstart import finetune_classifier
+
+    seen = {}
+    monkeypatch.setattr(ft, "finetune", lambda args, training: seen.update(args=args, training=training) or {})
+    finetune_classifier(tmp_path / "m", tmp_path / "t.h5ad", tmp_path / "o", steps=7, learning_rate=1e-4,
+                        options={"pooling": "mean"}, training_options={"warmup_steps": 0.1})
+    assert seen["training"].warmup_steps == 0.1 and seen["training"].max_steps == 7
+    assert seen["training"].learning_rate == 1e-4 and seen["args"].pooling == "mean"
