@@ -58,6 +58,21 @@ at the end: per mode and length, ours : baseline ratios against ``bert-eager`` a
     .venv/bin/python benchmarks/scaling.py --quick              # 2048 and 4096 only
     .venv/bin/python benchmarks/scaling.py --from-csv benchmarks/results/scaling/scaling.csv   # redo table + plot
     .venv/bin/python benchmarks/scaling.py --point scmamba2 infer 60530 1 --profile   # one point, torch.profiler
+
+Two quick side-by-side modes run in ONE process (no memory figures; every model and length is timed in turn, round
+after round, so a shared machine's load hits all of them alike; min / median over ``--rounds``):
+
+* ``--throughput`` (~3 min here): no-grad embedding throughput of Mouse-GeneMamba, SC-MAMBA2, CellFM and BERT sdpa at
+  2,048 and 16,384 tokens (``--throughput-lengths``), batch sizes ``--throughput-batches`` (at 16,384 only the
+  first), as cells/s (wall) and cells per CPU-second, with each family : BERT sdpa;
+* ``--per-token`` (~5 min here): one training step (forward + backward) of every family at 2,048, 8,192 and 32,768
+  tokens (``--per-token-lengths``), as microseconds per token and the growth from the shortest to the longest length
+  (linear time = 1.0x; target <= 1.3x), for CPU time (user + system) and user time alone: the system part is the
+  kernel's page faults on large fresh buffers (e.g. the ``[L, vocab]`` logits of a gene-prediction head), which
+  grows faster than the length on this machine.
+
+    .venv/bin/python benchmarks/scaling.py --throughput --rounds 3
+    .venv/bin/python benchmarks/scaling.py --per-token --rounds 3
 """
 
 from __future__ import annotations
@@ -338,6 +353,154 @@ def run_point(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Side by side in one process: inference throughput and training time per token
+# ----------------------------------------------------------------------------------------------------------------
+
+THROUGHPUT_MODELS = ("mouse-genemamba", "scmamba2", "cellfm", "bert-sdpa")
+
+
+def _time_once(name, model, inputs, mode) -> tuple[float, float, float]:
+    """Wall, CPU (user + system) and user-only seconds of one step. System time is mostly the kernel zeroing the
+    fresh pages of large new buffers (page faults), which is why it is kept apart."""
+    start, cpu0, user0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_utime
+    _run_step(name, model, inputs, mode)
+    user = resource.getrusage(resource.RUSAGE_SELF).ru_utime - user0
+    return time.perf_counter() - start, time.process_time() - cpu0, user
+
+
+def side_by_side(models, cases, mode: str, *, rounds: int = 3, d_model: int = 64, layers: int = 2,
+                 vocab_size: int = 4096, progress: bool = True) -> list[dict]:
+    """Time ``mode`` ("infer" or "train") of every model at every ``(length, batch)`` of ``cases`` in this process,
+    round after round (A B A B: one warm-up step each first). Returns one row per (model, length, batch) with the
+    ``rounds`` wall and CPU times, their min / median, and cells per second of each."""
+    import statistics
+
+    import torch
+
+    built = {}
+    for length in sorted({length for length, _ in cases}):
+        for name in models:
+            torch.manual_seed(0)
+            model = build_model(name, length, d_model, layers, vocab_size)
+            built[name, length] = model.train(mode == "train")
+    samples: dict[tuple, list[tuple[float, float]]] = {}
+    inputs = {}
+    for name in models:
+        for length, batch in cases:
+            inputs[name, length, batch] = make_batch(name, batch, length, vocab_size, mode == "train")
+            _run_step(name, built[name, length], make_batch(name, batch, min(length, WARMUP_LENGTH), vocab_size,
+                                                            mode == "train", seed=1), mode)  # warm-up
+    total = rounds * len(models) * len(cases)
+    done = 0
+    for r in range(rounds):
+        for length, batch in cases:
+            for name in models:
+                samples.setdefault((name, length, batch), []).append(
+                    _time_once(name, built[name, length], inputs[name, length, batch], mode))
+                done += 1
+                if progress:
+                    wall, cpu, user = samples[name, length, batch][-1]
+                    print(f"[{done}/{total}] round {r + 1} {name:16} L={length:<6} b={batch:<3} wall {wall:.3f} s "
+                          f"CPU {cpu:.3f} s (user {user:.3f} s)", file=sys.stderr, flush=True)
+    rows = []
+    for (name, length, batch), times in samples.items():
+        walls, cpus, users = [t[0] for t in times], [t[1] for t in times], [t[2] for t in times]
+        rows.append({
+            "model": name, "mode": mode, "length": length, "batch": batch, "rounds": len(times),
+            "wall_min": min(walls), "wall_median": statistics.median(walls),
+            "cpu_min": min(cpus), "cpu_median": statistics.median(cpus),
+            "user_min": min(users), "user_median": statistics.median(users),
+            "cells_per_wall_s": batch / min(walls), "cells_per_cpu_s": batch / min(cpus),
+            "cells_per_cpu_s_median": batch / statistics.median(cpus),
+        })
+    return rows
+
+
+def throughput_report(rows: list[dict], baseline: str = "bert-sdpa") -> str:
+    """Markdown: per length, each model's best batch size by cells per CPU-second (min-time / median-time figures),
+    cells/s wall, and model : baseline (same statistic)."""
+    lines = ["| genes | model | batch | cells per CPU-s (min / median) | cells/s wall | : BERT sdpa (min / median) |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for length in sorted({r["length"] for r in rows}):
+        best = {}
+        for r in rows:
+            if r["length"] == length and (r["model"] not in best or r["cells_per_cpu_s"] > best[r["model"]]["cells_per_cpu_s"]):
+                best[r["model"]] = r
+        base = best.get(baseline)
+        for name in [m for m in MODELS if m in best]:
+            r = best[name]
+            rel = (f"{r['cells_per_cpu_s'] / base['cells_per_cpu_s']:.2f}x / "
+                   f"{r['cells_per_cpu_s_median'] / base['cells_per_cpu_s_median']:.2f}x") if base and name != baseline else ""
+            lines.append(f"| {length:,} | {LABELS[name]} | {r['batch']} | {r['cells_per_cpu_s']:.2f} / "
+                         f"{r['cells_per_cpu_s_median']:.2f} | {r['cells_per_wall_s']:.2f} | {rel} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_token_report(rows: list[dict]) -> str:
+    """Markdown: training-step time per token (µs, min / median) at each length and longest : shortest, twice per
+    model: CPU (user + system) and user only (the computation; system time is the kernel's page faults)."""
+    lengths = sorted({r["length"] for r in rows})
+    head = " | ".join(f"{n:,}" for n in lengths)
+    lines = [f"| model | time | {head} | {lengths[-1]:,} : {lengths[0]:,} (min / median) |",
+             "|---|---|" + "---:|" * (len(lengths) + 1)]
+    by = {(r["model"], r["length"]): r for r in rows}
+    for name in [m for m in MODELS if any(r["model"] == m for r in rows)]:
+        for key, label in (("cpu", "CPU"), ("user", "user")):
+            if not all(f"{key}_min" in r for r in rows if r["model"] == name):
+                continue
+            cells, per = [], {}
+            for n in lengths:
+                r = by.get((name, n))
+                if r is None:
+                    cells.append("-")
+                    continue
+                per[n] = (r[f"{key}_min"] / (n * r["batch"]) * 1e6, r[f"{key}_median"] / (n * r["batch"]) * 1e6)
+                cells.append(f"{per[n][0]:.1f} / {per[n][1]:.1f}")
+            growth = (f"{per[lengths[-1]][0] / per[lengths[0]][0]:.2f}x / "
+                      f"{per[lengths[-1]][1] / per[lengths[0]][1]:.2f}x" if lengths[0] in per and lengths[-1] in per
+                      else "-")
+            lines.append(f"| {LABELS[name]} | {label} | " + " | ".join(cells) + f" | {growth} |")
+    return "\n".join(lines) + "\n"
+
+
+def _load() -> str:
+    try:
+        return "load " + " / ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1 / 5 / 15 min)"
+    except OSError:
+        return "load unknown"
+
+
+def run_side_by_side(args) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.throughput:
+        lengths = args.throughput_lengths
+        cases = [(lengths[0], b) for b in args.throughput_batches] + [(n, args.throughput_batches[0]) for n in lengths[1:]]
+        models, mode, title = args.models if args.models != list(MODELS) else list(THROUGHPUT_MODELS), "infer", (
+            "Inference throughput (no-grad backbone forward, all tokens real)")
+    else:
+        cases = [(n, args.batch) for n in args.per_token_lengths]
+        models, mode, title = args.models if args.models != list(MODELS) else list(OURS), "train", (
+            "Training step (forward + backward) time per token, µs, CPU (user + system) and user only")
+    before = _load()
+    rows = side_by_side(models, cases, mode, rounds=args.rounds, d_model=args.d_model, layers=args.layers,
+                        vocab_size=args.vocab_size)
+    report = throughput_report(rows) if args.throughput else per_token_report(rows)
+    header = (f"**{title}**: d={args.d_model}, {args.layers} layers, vocab {args.vocab_size}, {args.threads} "
+              f"thread(s), {args.rounds} rounds side by side; {before} before, {_load()} after\n\n")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "throughput" if args.throughput else "per_token"
+    (out / f"{stem}.md").write_text(header + report)
+    with open(out / f"{stem}.json", "w") as f:
+        json.dump(rows, f, indent=1)
+    print(header + report)
+    print(f"# wrote {out / (stem + '.md')}, {out / (stem + '.json')}")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Parent: one subprocess per point, with a memory and a time limit
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -593,7 +756,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--infer-lengths", type=int, nargs="*", default=[WHOLE_TRANSCRIPTOME],
                    help="extra lengths for the inference mode only (default: the whole transcriptome, 60,530)")
     p.add_argument("--throughput-length", type=int, default=2048)
-    p.add_argument("--throughput-batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--throughput-batches", type=int, nargs="+", default=[1, 8, 32],
+                   help="embed points' batch sizes; --throughput: at its first length (the others: the first size)")
     p.add_argument("--quick", action="store_true", help="lengths 2048 and 4096, no extra inference length")
     p.add_argument("--batch", type=int, default=1, help="cells per step of the train / infer points")
     p.add_argument("--d-model", type=int, default=64)
@@ -609,6 +773,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--point", nargs=4, metavar=("MODEL", "MODE", "LENGTH", "BATCH"),
                    help="run one point in this process and print its JSON row (what the parent runs)")
     p.add_argument("--from-csv", help="only rebuild the Markdown and PNG from this CSV (of an earlier run)")
+    p.add_argument("--throughput", action="store_true",
+                   help="side by side in one process: inference cells/s of the families and BERT sdpa")
+    p.add_argument("--throughput-lengths", type=int, nargs="+", default=[2048, 16384])
+    p.add_argument("--per-token", action="store_true",
+                   help="side by side in one process: training-step time per token of every family")
+    p.add_argument("--per-token-lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    p.add_argument("--rounds", type=int, default=3, help="--throughput / --per-token: rounds side by side")
     p.add_argument("--profile", action="store_true", help="with --point: print torch.profiler tables to stderr")
     p.add_argument("--profile-rows", type=int, default=15)
     return p
@@ -636,6 +807,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     if args.point:
         print(json.dumps(run_point(args)))
         return None
+    if args.throughput or args.per_token:
+        return run_side_by_side(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_csv:

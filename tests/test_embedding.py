@@ -62,6 +62,31 @@ def test_cell_embeddings_match_direct_model_call(saved, name):
     assert genes.equals(alone) and genes.index.name == "gene_id"
 
 
+@pytest.mark.parametrize("name", ["scmamba2", "mouse_genemamba"])
+def test_length_grouped_batches_give_each_cell_its_own_embedding(saved, name):
+    """Cells of different lengths (max_length 2,048: nothing truncated), batches of 6 cut from the length order,
+    padded per batch: every cell's embedding equals the one it gets alone (batch 1), in the AnnData's order."""
+    from hf_scfm.tasks.embedding import length_order
+
+    s = saved[name]
+    model = s["model"].double()
+    try:
+        adata = s["adata"]
+        order = length_order(adata)
+        nnz = np.diff(adata.X.tocsr().indptr)
+        assert len(set(nnz)) > 5 and list(nnz[order]) == sorted(nnz, reverse=True)
+        assert not np.array_equal(order, np.arange(adata.n_obs))  # the order is not the input's
+        kw = dict(tokenizer=s["tok"], max_length=2048, progress=False, copy=True)
+        grouped = embed(model, adata, batch_size=6, **kw).obsm[f"X_{name}"]
+        ungrouped = embed(model, adata, batch_size=6, group_by_length=False, **kw).obsm[f"X_{name}"]
+        alone = embed(model, adata, batch_size=1, **kw).obsm[f"X_{name}"]
+    finally:
+        model.float()
+    np.testing.assert_allclose(grouped, alone, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ungrouped, alone, rtol=0, atol=1e-6)
+    assert np.abs(alone[0] - alone[1]).max() > 1e-3
+
+
 def test_input_gene_embeddings_are_the_table_rows(saved):
     s = saved["scmamba2"]
     frame = gene_embeddings(s["dir"], kind="input")

@@ -152,6 +152,42 @@ def test_mixer_implements_the_mamba_equations():
     assert torch.allclose(got[real], expect[real], atol=1e-12, rtol=1e-10)
 
 
+def test_no_grad_time_major_path_matches_training_path_and_equations(monkeypatch):
+    """Without gradients the mixer runs time-major (``_forward_time_major``); with them the [B, d_inner, L] path
+    with the scan's backward. Both give the equations' numbers (float64, odd lengths, padding, batch 3), and so does
+    the whole model, padded in a batch or alone."""
+    m = model_of(MouseGeneMambaModel, initializer_range=0.3)
+    mixer = m.layers[0].mixer
+    _, _, mask = sentences([13, 6, 9], seed=15)
+    h = torch.randn(3, 13, m.config.hidden_size, dtype=torch.float64)
+    calls = []
+    real_forward = type(mixer)._forward_time_major
+    monkeypatch.setattr(type(mixer), "_forward_time_major", lambda self, *a: calls.append(1) or real_forward(self, *a))
+    expect = _mixer_by_the_equations(mixer, h, mask.double()).detach()
+    with torch.no_grad():
+        fast = mixer(h, mask.double())
+    assert len(calls) == 1
+    train = mixer(h, mask.double())
+    assert len(calls) == 1 and train.requires_grad
+    real = mask.bool()
+    for got in (fast, train.detach()):
+        torch.testing.assert_close(got[real], expect[real], atol=1e-12, rtol=1e-10)
+    ids, vals, mask = sentences([11, 6, 9], seed=16)
+    import hf_scfm.modeling.mouse_genemamba.modeling_mouse_genemamba as modeling
+
+    monkeypatch.setattr(modeling, "INFER_TOKENS_PER_PASS", 22)  # 2 rows of 11 tokens per pass: passes of 2 and 1
+    calls.clear()
+    with torch.no_grad():
+        batch = m(ids, values=vals, attention_mask=mask)
+    assert len(calls) == 2 * m.config.num_hidden_layers
+    with torch.no_grad():
+        for r, n in enumerate((11, 6, 9)):
+            alone = m(ids[r : r + 1, :n], values=vals[r : r + 1, :n], attention_mask=mask[r : r + 1, :n])
+            torch.testing.assert_close(batch.cell_embedding[r], alone.cell_embedding[0], atol=1e-12, rtol=1e-10)
+    with_grad = m(ids, values=vals, attention_mask=mask)
+    torch.testing.assert_close(with_grad.cell_embedding.detach(), batch.cell_embedding, atol=1e-12, rtol=1e-10)
+
+
 def test_causal_lm_loss_is_shifted_cross_entropy_ignoring_padding():
     m = model_of(MouseGeneMambaForCausalLM)
     ids, vals, mask = sentences([9, 6])

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from hf_scfm.modeling.mouse_genemamba import selective_scan as scan_module
-from hf_scfm.modeling.mouse_genemamba.conv import causal_conv1d, causal_conv1d_update
+from hf_scfm.modeling.mouse_genemamba.conv import causal_conv1d, causal_conv1d_channels_last, causal_conv1d_update
 from hf_scfm.modeling.mouse_genemamba.selective_scan import (
     selective_scan,
     selective_scan_reference,
+    selective_scan_time_major,
     selective_state_update,
 )
 
@@ -174,6 +175,44 @@ def test_left_padding_with_zero_input_and_delta_keeps_state_zero():
     real = {k: (v[..., pad:] if v.dim() == 3 else v) for k, v in left.items()}
     torch.testing.assert_close(out[..., pad:], selective_scan(**real), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out[..., :pad], torch.zeros_like(out[..., :pad]))
+
+
+@pytest.mark.parametrize("length", [1, 13, 40])
+@pytest.mark.parametrize("groups", [None, 1, 3])
+def test_time_major_scan_matches_reference_float64(monkeypatch, length, groups):
+    # time-major layout [L, b, D] / [L, b, (G,) N], blocks of 4 steps, right padding in row 1
+    monkeypatch.setattr(scan_module, "BLOCK_ELEMENTS", 4 * 2 * 6 * 4)
+    x = make_inputs(length=length, groups=groups)
+    x["u"] = x["u"] * (torch.arange(length) < max(1, length - 5)).to(F64)
+    ref = selective_scan_reference(**x, delta_softplus=True)
+    tm = {k: x[k].permute(2, 0, 1) for k in ("u", "delta", "z")}
+    for k in ("B", "C"):
+        tm[k] = x[k].permute(-1, *range(x[k].dim() - 1))
+    delta = tm["delta"] + x["delta_bias"]
+    out = selective_scan_time_major(tm["u"], delta, x["A"], tm["B"], tm["C"], D=x["D"], z=tm["z"], delta_softplus=True)
+    torch.testing.assert_close(out.permute(1, 2, 0), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="forward-only"):
+        selective_scan_time_major(tm["u"].requires_grad_(), delta, x["A"], tm["B"], tm["C"])
+
+
+def test_exp_floor_keeps_strong_decays_exact():
+    # delta * A far below EXP_FLOOR (-60): exp(-60) ~ 1e-26 in place of ~0, invisible even in float64
+    x = make_inputs(length=20)
+    x["A"] = torch.full_like(x["A"], -500.0)
+    ref = selective_scan_reference(**x, delta_softplus=True)
+    torch.testing.assert_close(selective_scan(**x, delta_softplus=True), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_conv_matches_causal_conv1d():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 11, generator=g, dtype=F64)
+    w, b = torch.randn(5, 4, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)
+    for bias, act in ((b, "silu"), (None, None)):
+        expected = causal_conv1d(x, w, bias, act)
+        got = causal_conv1d_channels_last(x.permute(2, 0, 1), w, bias, act, time_dim=0)
+        torch.testing.assert_close(got.permute(1, 2, 0), expected, rtol=1e-14, atol=1e-14)
+        got = causal_conv1d_channels_last(x.transpose(1, 2), w, bias, act, time_dim=1)  # a strided view in
+        torch.testing.assert_close(got.transpose(1, 2), expected, rtol=1e-14, atol=1e-14)
 
 
 def test_causal_conv1d_matches_explicit_sum_and_update_loop():

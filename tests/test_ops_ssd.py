@@ -119,6 +119,43 @@ def test_gradcheck_across_blocks(monkeypatch):
     assert torch.autograd.gradcheck(fn, tuple(x.values()))
 
 
+@pytest.mark.parametrize("length,chunk_size,groups,block_steps", [(37, 4, 2, 8), (29, 64, 1, 512), (1, 4, 4, 512)])
+def test_forward_only_path_matches_training_path_and_reference(monkeypatch, length, chunk_size, groups, block_steps):
+    # without gradients ssd_scan runs _ssd_forward (chunks of <= INFER_MAX_CHUNK); with them the training path
+    # (chunks of <= TORCH_MAX_CHUNK): both pinned to the reference, padding and batch 2 included
+    monkeypatch.setattr(ssd_module, "BLOCK_STEPS", block_steps)
+    calls = []
+    monkeypatch.setattr(ssd_module, "_ssd_forward", lambda *a: calls.append(1) or _real_ssd_forward(*a))
+    x = make_inputs(batch=2, length=length, groups=groups)
+    mask = (torch.arange(length)[None] < torch.tensor([length, max(1, length - 7)])[:, None]).to(F64)
+    x["x"] = x["x"] * mask[..., None, None]
+    ref, ref_state = ssd_reference(**x, dt_softplus=True, return_final_states=True)
+    with torch.no_grad():
+        fast, fast_state = ssd_scan(**x, chunk_size=chunk_size, dt_softplus=True, return_final_states=True)
+    assert calls == [1]
+    grad_x = {k: (v.clone().requires_grad_() if v is not None else v) for k, v in x.items()}
+    train, train_state = ssd_scan(**grad_x, chunk_size=chunk_size, dt_softplus=True, return_final_states=True)
+    assert calls == [1] and train.requires_grad
+    for got in (fast, train):
+        torch.testing.assert_close(got, ref, rtol=1e-11, atol=1e-11)
+    for got in (fast_state, train_state):
+        torch.testing.assert_close(got, ref_state, rtol=1e-11, atol=1e-11)
+
+
+_real_ssd_forward = ssd_module._ssd_forward
+
+
+def test_decays_below_the_exp_floor_stay_exact_to_rounding():
+    # exp's argument is clamped at EXP_FLOOR (-60): far below it the decay is exp(-60) ~ 1e-26 instead of ~0, which
+    # no float32 or float64 comparison can see; the output still matches the unclamped reference
+    x = make_inputs(length=40, groups=1)
+    x["A"] = torch.full((4,), -200.0, dtype=F64)  # every step decays by >= exp(-200 * softplus(dt))
+    ref = ssd_reference(**x, dt_softplus=True)
+    for grad in (False, True):
+        xs = {k: (v.clone().requires_grad_(grad) if v is not None else v) for k, v in x.items()}
+        torch.testing.assert_close(ssd_scan(**xs, chunk_size=8, dt_softplus=True), ref, rtol=1e-11, atol=1e-11)
+
+
 def test_step_by_step_decoding_equals_full_scan():
     x = make_inputs(length=9)
     full, final = ssd_scan(**x, chunk_size=4, dt_softplus=True, return_final_states=True)

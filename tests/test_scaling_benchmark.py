@@ -120,3 +120,29 @@ def test_plan_runs_the_whole_transcriptome_for_inference_only(scaling):
     assert sum(1 for p in points if p[1] == "train") == 2 * 4
     quick = scaling.plan(scaling.build_parser().parse_args(["--quick", "--models", "cellfm"]))
     assert {p[2] for p in quick if p[1] != "embed"} == {2048, 4096}
+
+
+def test_side_by_side_throughput_and_per_token_reports(scaling):
+    # in this process, tiny shapes: every (model, length, batch) timed once per round, rounds interleaved
+    rows = scaling.side_by_side(["mouse-genemamba", "bert-sdpa"], [(32, 1), (32, 2), (64, 1)], "infer", rounds=2,
+                                d_model=16, layers=1, vocab_size=64, progress=False)
+    assert {(r["model"], r["length"], r["batch"]) for r in rows} == {
+        (m, n, b) for m in ("mouse-genemamba", "bert-sdpa") for n, b in ((32, 1), (32, 2), (64, 1))}
+    for r in rows:
+        assert r["rounds"] == 2 and 0 < r["cpu_min"] <= r["cpu_median"]
+        assert r["cells_per_cpu_s"] == pytest.approx(r["batch"] / r["cpu_min"])
+    fake = [dict(model=m, mode="infer", length=n, batch=b, cells_per_cpu_s=c, cells_per_cpu_s_median=c / 2,
+                 cells_per_wall_s=c / 3)
+            for m, n, b, c in (("mouse-genemamba", 2048, 1, 30.0), ("mouse-genemamba", 2048, 8, 40.0),
+                               ("bert-sdpa", 2048, 1, 20.0), ("mouse-genemamba", 16384, 1, 5.0),
+                               ("bert-sdpa", 16384, 1, 0.5))]
+    table = scaling.throughput_report(fake)
+    assert "| 2,048 | Mouse-GeneMamba | 8 | 40.00 / 20.00 | 13.33 | 2.00x / 2.00x |" in table  # best batch kept
+    assert "| 16,384 | Mouse-GeneMamba | 1 | 5.00 / 2.50 | 1.67 | 10.00x / 10.00x |" in table
+    train = [dict(model="cellfm", mode="train", length=n, batch=1, cpu_min=n * t * 1e-6, cpu_median=n * t * 2e-6,
+                  user_min=n * 1e-5, user_median=n * 2e-5)
+             for n, t in ((2048, 10.0), (8192, 11.0), (32768, 13.0))]
+    report = scaling.per_token_report(train)
+    assert "| CellFM | CPU | 10.0 / 20.0 | 11.0 / 22.0 | 13.0 / 26.0 | 1.30x / 1.30x |" in report
+    assert "| CellFM | user | 10.0 / 20.0 | 10.0 / 20.0 | 10.0 / 20.0 | 1.00x / 1.00x |" in report
+    assert all(r["user_min"] <= r["cpu_min"] + 1e-3 for r in rows)

@@ -532,3 +532,31 @@ def test_cuda_backend_agrees_with_torch_backend():
     fast.load_state_dict(ref.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fast(**batch).predictions, ref(**batch).predictions, atol=1e-3, rtol=1e-3)
+
+
+def test_no_grad_inference_path_matches_training_path(monkeypatch):
+    """Without gradients the mixer runs rows in passes of INFER_TOKENS_PER_PASS tokens, its conv channels-last and
+    ssd_scan's forward-only path; with gradients the training path. Same numbers (float64, odd lengths, padding,
+    batch 3), and each row equals itself alone."""
+    import hf_scfm.modeling.scmamba2.modeling_scmamba2 as modeling
+    from hf_scfm.modeling.scmamba2 import ssd
+
+    model = ScMamba2Model(tiny(initializer_range=0.3)).double().eval()
+    batch, _ = make_batch((37, 20, 9), seed=4)
+    monkeypatch.setattr(modeling, "INFER_TOKENS_PER_PASS", 2 * 37)  # mixer sees 6 rows: passes of 2
+    passes, forward_only = [], []
+    real_rows, real_fwd = modeling.ScMamba2Mixer._forward_rows, ssd._ssd_forward
+    monkeypatch.setattr(modeling.ScMamba2Mixer, "_forward_rows",
+                        lambda self, h, m: passes.append(h.shape[0]) or real_rows(self, h, m))
+    monkeypatch.setattr(ssd, "_ssd_forward", lambda *a: forward_only.append(1) or real_fwd(*a))
+    with torch.no_grad():
+        fast = model(**batch).last_hidden_state
+    assert passes == [2, 2, 2] * model.config.num_hidden_layers and len(forward_only) == len(passes)
+    passes.clear()
+    train = model(**batch).last_hidden_state
+    assert passes == [6] * model.config.num_hidden_layers and len(forward_only) == 3 * model.config.num_hidden_layers
+    torch.testing.assert_close(fast, train.detach(), rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        for r, n in enumerate((37, 20, 9)):
+            alone = model(**row(batch, r, n)).last_hidden_state[0]
+            torch.testing.assert_close(fast[r, :n], alone, rtol=1e-10, atol=1e-12)

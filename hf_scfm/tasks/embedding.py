@@ -15,7 +15,8 @@
 
 * :func:`plot_umap`: scanpy neighbors + UMAP on the embedding, coloured by an obs column, saved as PNG.
 
-Cells are run with :func:`hf_scfm.tasks.inference.iter_model_outputs` (the one batched, no-grad path). One pass
+Cells are run with :func:`hf_scfm.tasks.inference.iter_model_outputs` (the one batched, no-grad path), in batches
+of cells of similar length (:func:`length_order`; results come back in the AnnData's order). One pass
 gives both the cell embeddings and the context gene embeddings (:func:`embed` with ``gene_embeddings="context"``
 writes both). Tokenization is deterministic (the tokenizer's seed), so repeated runs give identical embeddings.
 
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EmbedArguments", "embed", "embed_h5ad", "embedding_key", "gene_embeddings", "plot_umap"]
+__all__ = ["EmbedArguments", "embed", "embed_h5ad", "embedding_key", "gene_embeddings", "length_order", "plot_umap"]
 
 GENE_KINDS = ("input", "context")
 
@@ -84,19 +85,41 @@ def _input_gene_embeddings(model, tokenizer):
     return _gene_frame(tokenizer, token_ids, weight[token_ids])
 
 
+def length_order(adata, layer: str | None = None) -> np.ndarray:
+    """Row indices of ``adata`` from the most to the fewest expressed genes (a stable sort): batches cut from this
+    order hold cells of similar sentence length, so they are padded little (the sentence of a cell is its
+    expressed genes, up to ``max_length``)."""
+    import scipy.sparse as sp
+
+    X = adata.X if layer is None else adata.layers[layer]
+    if sp.issparse(X):
+        nnz = np.diff(sp.csr_matrix(X).indptr)  # no copy for CSR input
+    else:
+        nnz = np.count_nonzero(np.asarray(X), axis=1)
+    return np.argsort(-np.asarray(nnz).ravel(), kind="stable")
+
+
 def _run(model, tokenizer, adata, *, context: bool, batch_size: int, max_length: int | None, progress: bool,
-         layer: str | None = None):
-    """One pass over the cells: ``(cell_embeddings [N, d] float32, context gene frame or None)``."""
+         layer: str | None = None, group_by_length: bool = True):
+    """One pass over the cells: ``(cell_embeddings [N, d] float32, context gene frame or None)``.
+
+    With ``group_by_length`` the cells are run in :func:`length_order` (results written back in ``adata``'s
+    order): each batch is padded to its longest cell only, and the models mask padding exactly, so every cell's
+    embedding is what it gets alone."""
     import torch
 
     from ..tokenization.special_tokens import SPECIAL_TOKENS
     from .inference import iter_model_outputs
 
+    order = length_order(adata, layer) if group_by_length and adata.n_obs > batch_size else None
+    source = adata if order is None else adata[order]
     cells = None
     sums = counts = None
-    for rows, inputs, out in iter_model_outputs(model, tokenizer, adata, batch_size=batch_size,
+    for rows, inputs, out in iter_model_outputs(model, tokenizer, source, batch_size=batch_size,
                                                 max_length=max_length, layer=layer, progress=progress,
                                                 desc="embedding"):
+        if order is not None:
+            rows = order[rows]
         emb = getattr(out, "cell_embedding", None)
         if emb is None:
             raise ValueError(f"{type(model).__name__} returns no cell_embedding; pass a model folder (loaded as "
@@ -126,7 +149,7 @@ def _run(model, tokenizer, adata, *, context: bool, batch_size: int, max_length:
 
 def embed(model, query, *, tokenizer=None, batch_size: int = 64, max_length: int | None = None,
           gene_embeddings: str | None = None, layer: str | None = None, progress: bool = True,
-          device: str | None = None, copy: bool = False):
+          device: str | None = None, copy: bool = False, group_by_length: bool = True):
     """Cell embeddings of ``query`` in ``obsm["X_<model_type>"]``, scanpy-style: written into the AnnData and
     ``None`` returned, or with ``copy=True`` into a copy, which is returned (an ``.h5ad`` path is read into a new
     AnnData, which is returned).
@@ -143,6 +166,8 @@ def embed(model, query, *, tokenizer=None, batch_size: int = 64, max_length: int
         max_length: tokens per cell (default: the tokenizer's).
         layer: read the counts from ``adata.layers[layer]`` instead of ``X``.
         copy: write into a copy of ``query`` and return it.
+        group_by_length: run the cells in batches of similar length (:func:`length_order`; less padding, the
+            same embeddings); ``False`` runs them in ``query``'s order.
     """
     from .inference import check_finite_outputs, result_target
 
@@ -151,7 +176,7 @@ def embed(model, query, *, tokenizer=None, batch_size: int = 64, max_length: int
     model, tokenizer = _resolve(model, tokenizer, device)
     adata, returned = result_target(query, copy)
     cells, genes = _run(model, tokenizer, adata, context=gene_embeddings == "context", batch_size=batch_size,
-                        max_length=max_length, layer=layer, progress=progress)
+                        max_length=max_length, layer=layer, progress=progress, group_by_length=group_by_length)
     check_finite_outputs(cells, adata.obs_names, "cell embedding")
     key = embedding_key(model)
     adata.obsm[key] = cells

@@ -56,6 +56,35 @@ def causal_conv1d(
     return F.silu(out) if activation is not None else out
 
 
+def causal_conv1d_channels_last(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    time_dim: int = 0,
+) -> torch.Tensor:
+    """:func:`causal_conv1d` on a channels-last ``x`` (PyTorch only): ``[length, batch, channels]`` with
+    ``time_dim=0`` (time-major), ``[batch, length, channels]`` with ``time_dim=1``; returns the same layout.
+    ``width`` shifted multiply-adds over time slices, so a mixer whose projections give ``[..., channels]``
+    needs no transpose around the convolution (and no contiguous copy of a strided projection slice)."""
+    _check_activation(activation)
+    if x.dim() != 3 or time_dim not in (0, 1):
+        raise ValueError(f"x must be [length, batch, channels] (time_dim=0) or [batch, length, channels] "
+                         f"(time_dim=1), got shape {tuple(x.shape)} with time_dim={time_dim}.")
+    _check_weight(x.shape[2], weight, bias)
+    length, width = x.shape[time_dim], weight.shape[1]
+    pad = (0, 0, width - 1, 0) if time_dim == 1 else (0, 0, 0, 0, width - 1, 0)
+    padded = F.pad(x, pad)  # zeros before the start
+    w = weight.to(x.dtype)
+    out = torch.mul(padded.narrow(time_dim, width - 1, length), w[:, width - 1])
+    for k in range(width - 1):
+        out.addcmul_(padded.narrow(time_dim, k, length), w[:, k])
+    if bias is not None:
+        out += bias.to(x.dtype)
+    return F.silu(out, inplace=True) if activation is not None else out
+
+
 def causal_conv1d_update(
     x: torch.Tensor,
     conv_state: torch.Tensor,

@@ -141,20 +141,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         groups, n_state = B.shape[1], A.shape[1]
         dl, ul, Bt, Ct = _time_major(u, delta, B, C)
         A_g = A.reshape(groups, dim // groups, n_state)
-        T = _block_length(batch * dim * n_state, length)
         needs_grad = any(ctx.needs_input_grad)
-        y = dl.new_empty(dl.shape)
-        entering = []
-        h = dl.new_zeros(batch, groups, dim // groups, n_state)
-        a_buf = dl.new_empty((T,) + h.shape)
-        h_buf = torch.empty_like(a_buf)
-        for start in range(0, length, T):
-            blk = slice(start, min(start + T, length))
-            if needs_grad:
-                entering.append(h)
-            a, H = _block_states(dl[blk], ul[blk], A_g, Bt[blk], h, a_buf, h_buf)
-            torch.matmul(H, Ct[blk].unsqueeze(-1), out=y[blk].unsqueeze(-1))
-            h = H[-1].clone()
+        y, h, entering, T = _scan_blocks(dl, ul, A_g, Bt, Ct, keep_entering=needs_grad)
         if needs_grad:
             ctx.save_for_backward(dl, ul, A_g, Bt, Ct, *entering)
             ctx.block = T
@@ -231,11 +219,38 @@ def _time_major(u, delta, B, C):
     return dl, ul, B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous()
 
 
+def _scan_blocks(dl, ul, A_g, Bt, Ct, keep_entering: bool):
+    """The forward scan over time-major inputs (``dl``, ``ul`` ``[L, b, G, D/G]``, ``Bt``, ``Ct`` ``[L, b, G, N]``):
+    ``(y [L, b, G, D/G], last state [b, G, D/G, N], states entering each block (if kept), block length)``."""
+    length, batch, groups, dim_g = dl.shape
+    n_state = A_g.shape[-1]
+    T = _block_length(batch * groups * dim_g * n_state, length)
+    y = dl.new_empty(dl.shape)
+    entering = []
+    h = dl.new_zeros(batch, groups, dim_g, n_state)
+    a_buf = dl.new_empty((T,) + h.shape)
+    h_buf = torch.empty_like(a_buf)
+    for start in range(0, length, T):
+        blk = slice(start, min(start + T, length))
+        if keep_entering:
+            entering.append(h)
+        a, H = _block_states(dl[blk], ul[blk], A_g, Bt[blk], h, a_buf, h_buf)
+        torch.matmul(H, Ct[blk].unsqueeze(-1), out=y[blk].unsqueeze(-1))
+        h = H[-1].clone()
+    return y, h, entering, T
+
+
+# Exponents ``delta A`` are clamped at this floor before ``exp``: exp(-60) ~ 1e-26 is far below any dtype's
+# rounding of what it weighs, while exp of a far more negative number lands in the subnormal range or
+# underflows, which x86 CPUs compute 10-200x slower than normal numbers.
+EXP_FLOOR = -60.0
+
+
 def _block_states(d_b, u_b, A_g, B_b, h_prev, a_buf, h_buf):
     """One block: decays ``a_t = exp(delta_t A)`` and states ``h_t = a_t h_{t-1} + delta_t u_t B_t`` of its
     ``n`` steps, in the first ``n`` rows of the two buffers (``[T, b, G, D/G, N]``), from ``h_prev``."""
     n = d_b.shape[0]
-    a = torch.mul(d_b.unsqueeze(-1), A_g, out=a_buf[:n]).exp_()
+    a = torch.mul(d_b.unsqueeze(-1), A_g, out=a_buf[:n]).clamp_min_(EXP_FLOOR).exp_()
     H = torch.mul((d_b * u_b).unsqueeze(-1), B_b.unsqueeze(3), out=h_buf[:n])
     Hv, av = H.unbind(0), a.unbind(0)
     Hv[0].addcmul_(av[0], h_prev)
@@ -282,6 +297,47 @@ def selective_scan(
     y, last = _SelectiveScanFn.apply(u_c, delta, A.to(dtype), B, C)
     out = _finish(y, u_c, D, z, u.dtype)
     return (out, last) if return_last_state else out
+
+
+@autocast_off
+def selective_scan_time_major(u, delta, A, B, C, D=None, z=None, delta_softplus=False):
+    """:func:`selective_scan` without gradients, on time-major tensors: ``u``, ``delta``, ``z`` ``[L, batch, D]``;
+    ``B``, ``C`` ``[L, batch, N]`` or ``[L, batch, G, N]``; returns ``out`` ``[L, batch, D]``.
+
+    The layout a mixer has when it runs its projections on ``[L, batch, d]`` hidden states: the scan reads its
+    inputs where they lie and its output feeds ``out_proj`` as is, with none of the ``[batch, D, L]`` transposes
+    (for batch 1 the two layouts are the same memory). CPU/PyTorch only; under autograd (or for CUDA kernels)
+    use :func:`selective_scan`."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z)):
+        raise RuntimeError("selective_scan_time_major is forward-only: call it under torch.no_grad(), or use "
+                           "selective_scan (which has a backward).")
+    if u.dim() != 3 or delta.shape != u.shape or (z is not None and z.shape != u.shape):
+        raise ValueError(f"u, delta (and z) must be [length, batch, channels], got {tuple(u.shape)}, "
+                         f"{tuple(delta.shape)}{'' if z is None else ', ' + str(tuple(z.shape))}.")
+    length, batch, dim = u.shape
+    Bg = B if B.dim() == 4 else B.unsqueeze(2)
+    Cg = C if C.dim() == 4 else C.unsqueeze(2)
+    n_state = A.shape[-1]
+    if (A.shape != (dim, n_state) or Bg.shape[:2] != (length, batch) or Bg.shape[-1] != n_state
+            or Cg.shape != Bg.shape or dim % Bg.shape[2] != 0):
+        raise ValueError(f"expected A [{dim}, N], B and C [{length}, {batch}, (G,) N] with G dividing {dim}; got "
+                         f"A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}.")
+    dtype = compute_dtype(u.dtype)
+    groups = Bg.shape[2]
+    u_c, dl = u.to(dtype), delta.to(dtype)
+    if delta_softplus:
+        dl = F.softplus(dl)
+    y, _, _, _ = _scan_blocks(
+        dl.reshape(length, batch, groups, dim // groups), u_c.reshape(length, batch, groups, dim // groups),
+        A.to(dtype).reshape(groups, dim // groups, n_state), Bg.to(dtype).contiguous(), Cg.to(dtype).contiguous(),
+        keep_entering=False,
+    )
+    y = y.view(length, batch, dim)
+    if D is not None:
+        y.addcmul_(u_c, D.to(dtype))
+    if z is not None:
+        y.mul_(F.silu(z.to(dtype)))
+    return y.to(u.dtype)
 
 
 @autocast_off
