@@ -4,6 +4,8 @@ model's own genes, on all genes and on a PCA of the same genes; held-out donors 
     python benchmarks/annotation.py                  # the README table (test splits, 3 seeds, 2 processes)
     python benchmarks/annotation.py --splits validation --seeds 1      # the validation donor the recipe was chosen on
     python benchmarks/annotation.py --families cellfm --datasets baron_human --seeds 1 --max-splits 1   # a smoke run
+    python benchmarks/annotation.py --datasets baron_human --max-splits 1 --no-random-init \
+        --gene-selection seurat pearson_residuals --tag _selection    # issue 23: the gene selection's effect alone
 
 Splits (``common.TEST_SPLITS``): Baron human, held-out donors human4, human1, human3 (human2 is the validation
 donor the recipes were chosen on, reported apart with ``--splits validation``); Baron mouse, both directions;
@@ -18,6 +20,11 @@ from a random initialisation of the same architecture, and :func:`hf_scfm.tasks.
 cells. Baselines on the same split: L2 logistic regression (C=1) on log1p(CP10k) of **the same genes** the models
 read, of all genes, and of a 50-component PCA of the same genes. Test cells whose label is absent from training are
 not scored by any method.
+
+``--gene-selection seurat pearson_residuals`` runs every arm once per flavour of the recipe's variable-gene
+ranking (``seurat``: the earlier recipe's dispersion genes, per donor; ``pearson_residuals``: the current one),
+everything else identical (vocabulary size, steps, seeds; each flavour pretrains its own run); the methods of a
+non-default flavour are named ``... [seurat genes]`` and a side-by-side table (mean +- sd over seeds) is added.
 
 Writes ``benchmarks/results/annotation<tag>.csv`` (one row per split x method x seed), ``annotation<tag>.md``
 (mean +- sd over splits of the per-split seed means; the seed sd beside it; the issue's targets met or not) and
@@ -54,7 +61,17 @@ def own_genes(family: str) -> str:
     return f"LR, {NAMES[family]}'s genes"
 
 
-def baselines_job(dataset: str, split: str, pretrained: dict[str, str]) -> list[dict]:
+def tagged(method: str, gene_selection: str) -> str:
+    """A method's name under a gene selection other than the recipes' (``annotation.py --gene-selection``)."""
+    return method if gene_selection == common.GENE_SELECTION else f"{method} [{gene_selection} genes]"
+
+
+def untagged(method: str) -> str:
+    return method.split(" [")[0]
+
+
+def baselines_job(dataset: str, split: str, pretrained: dict[str, str],
+                  gene_selection: str = common.GENE_SELECTION) -> list[dict]:
     """Logistic regression on the models' genes, on all genes, and on PCA(50) of the models' genes: ``LR_SAME`` /
     ``PCA_LR`` on the genes of the first family of ``pretrained`` (family -> checkpoint), and ``own_genes(f)`` for
     each family whose recipe reads other genes (SC-MAMBA2: 128)."""
@@ -70,7 +87,8 @@ def baselines_job(dataset: str, split: str, pretrained: dict[str, str]) -> list[
     for name, genes, kwargs in todo:
         m = logistic_regression_baseline(train, test, common.LABEL_KEY, warn=False, genes=genes, **kwargs)["metrics"]
         rows.append({"method": name, "n_genes": len(genes) if genes else train.n_vars, **_metrics(m)})
-    return [{"dataset": dataset, "split": split, "seed": 0, **r} for r in rows]
+    return [{"dataset": dataset, "split": split, "seed": 0, "gene_selection": gene_selection, **r,
+             "method": tagged(r["method"], gene_selection)} for r in rows]
 
 
 def method_order() -> list[str]:
@@ -82,12 +100,15 @@ def _metrics(m: dict) -> dict:
     return {"accuracy": round(m["accuracy"], 4), "f1_macro": round(m["f1_macro"], 4), "n_scored": m["n_scored"]}
 
 
-def pretrain_job(family: str, dataset: str, split: str, force: bool = False) -> dict:
-    run = common.pretrain_run(family, dataset, split, force=force)
+def pretrain_job(family: str, dataset: str, split: str, force: bool = False,
+                 gene_selection: str = common.GENE_SELECTION) -> dict:
+    run = common.pretrain_run(family, dataset, split, force=force, gene_selection=gene_selection)
     return {"pretrained": str(run["pretrained"]), "cpu_s": run["cpu_s"], "reused": run["reused"]}
 
 
-def finetune_job(family: str, dataset: str, split: str, pretrained: str, init: str, seed: int) -> dict:
+def finetune_job(family: str, dataset: str, split: str, pretrained: str, init: str, seed: int,
+                 gene_selection: str = common.GENE_SELECTION, finetune_lr: float | None = None,
+                 warmup_steps: float = 0.0) -> dict:
     """Fine-tune (from ``pretrained`` or a random init of its architecture) on the training cells; score the test."""
     import warnings
 
@@ -104,8 +125,9 @@ def finetune_job(family: str, dataset: str, split: str, pretrained: str, init: s
             start = common.random_init_checkpoint(start, work / "random", family, seed)
         train.write_h5ad(work / "train.h5ad")
         finetune_classifier(start, work / "train.h5ad", work / "classifier", steps=recipe["finetune_steps"],
-                            batch_size=recipe["batch_size"], learning_rate=recipe["finetune_lr"], seed=seed,
-                            max_length=recipe["max_length"], options=FINETUNE_OPTIONS.get(family, {}))
+                            batch_size=recipe["batch_size"], learning_rate=finetune_lr or recipe["finetune_lr"],
+                            seed=seed, max_length=recipe["max_length"], options=FINETUNE_OPTIONS.get(family, {}),
+                            training_options={"warmup_steps": warmup_steps} if warmup_steps else None)
         loaded = load_model_and_tokenizer(work / "classifier", kind="classifier")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -113,8 +135,9 @@ def finetune_job(family: str, dataset: str, split: str, pretrained: str, init: s
         m = annotated.uns[METRICS_KEY]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"dataset": dataset, "split": split, "method": f"{NAMES[family]} {init}", "family": family, "init": init,
-            "seed": seed, **_metrics(m)}
+    return {"dataset": dataset, "split": split, "method": tagged(f"{NAMES[family]} {init}", gene_selection),
+            "family": family, "init": init, "seed": seed, "gene_selection": gene_selection,
+            "finetune_lr": finetune_lr or recipe["finetune_lr"], "warmup_steps": warmup_steps, **_metrics(m)}
 
 
 def aggregate(rows: list[dict], datasets) -> str:
@@ -122,7 +145,7 @@ def aggregate(rows: list[dict], datasets) -> str:
     import numpy as np
 
     lines = ["| dataset | method | splits x seeds | accuracy | macro-F1 | macro-F1 seed sd |", "|---|---|---|---|---|---|"]
-    order = method_order()
+    order = [tagged(m, g) for m in method_order() for g in common.GENE_SELECTIONS]
     for dataset in datasets:
         for method in order:
             sel = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
@@ -134,11 +157,40 @@ def aggregate(rows: list[dict], datasets) -> str:
             f1 = [np.mean([float(r["f1_macro"]) for r in v]) for v in per.values()]
             seed_sd = [np.std([float(r["f1_macro"]) for r in v], ddof=1) for v in per.values() if len(v) > 1]
             n_seeds = max(len(v) for v in per.values())
-            bold = "**" if method == LR_SAME or method.endswith("'s genes") else ""
+            bold = "**" if method == LR_SAME or method.endswith("'s genes") else ""  # the default selection's
             lines.append(f"| {dataset} | {bold}{method}{bold} | {len(splits)} x {n_seeds} | {common.mean_sd(acc)} | "
                          f"{common.mean_sd(f1)} | {np.mean(seed_sd):.3f} |" if seed_sd else
                          f"| {dataset} | {bold}{method}{bold} | {len(splits)} x {n_seeds} | {common.mean_sd(acc)} | "
                          f"{common.mean_sd(f1)} | - |")
+    return "\n".join(lines)
+
+
+def selection_table(rows: list[dict]) -> str:
+    """Per split and method, the gene selections side by side (mean +- sd over seeds) and the difference of the
+    mean macro-F1 (the recipes' flavour - the earlier one); empty unless rows of several selections are present."""
+    import numpy as np
+
+    present = [g for g in reversed(common.GENE_SELECTIONS) if any(r.get("gene_selection", common.GENE_SELECTION) == g
+                                                        for r in rows)]
+    if len(present) < 2:
+        return ""
+    head = "| dataset (split) | method | seeds | " + " | ".join(f"{g}: accuracy | {g}: macro-F1" for g in present) + \
+        f" | macro-F1, {present[-1]} - {present[0]} |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(present) + 1)]
+    for dataset, split in sorted({(r["dataset"], r["split"]) for r in rows}):
+        for method in method_order():
+            cells, means, n = [], [], 0
+            for g in present:
+                sel = [r for r in rows if r["dataset"] == dataset and r["split"] == split and
+                       r["method"] == tagged(method, g)]
+                if not sel:
+                    break
+                n = max(n, len(sel))
+                cells += [common.mean_sd([r["accuracy"] for r in sel]), common.mean_sd([r["f1_macro"] for r in sel])]
+                means.append(np.mean([float(r["f1_macro"]) for r in sel]))
+            if len(means) == len(present):
+                lines.append(f"| {dataset} ({split}) | {method} | {n} | " + " | ".join(cells) +
+                             f" | {means[-1] - means[0]:+.3f} |")
     return "\n".join(lines)
 
 
@@ -150,7 +202,8 @@ def plot(rows: list[dict], datasets, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in method_order() if any(r["method"] == m for r in rows)]
+    methods = [tagged(m, g) for m in method_order() for g in common.GENE_SELECTIONS
+               if any(r["method"] == tagged(m, g) for r in rows)]
     colours = {LR_SAME: "0.2", LR_ALL: "0.5", PCA_LR: "0.75", **{own_genes(f): "0.35" for f in FAMILIES}}
     for k, family in enumerate(FAMILIES):
         colours[f"{NAMES[family]} pretrained"] = f"C{k}"
@@ -165,7 +218,7 @@ def plot(rows: list[dict], datasets, png: Path) -> None:
             means.append(np.mean(per) if per else np.nan)
             sds.append(np.std(per, ddof=1) if len(per) > 1 else 0.0)
         ax.bar(np.arange(len(datasets)) + (j - (len(methods) - 1) / 2) * width, means, width, yerr=sds, capsize=2,
-               color=colours[method], label=method)
+               color=colours[untagged(method)], hatch="//" if method != untagged(method) else None, label=method)
     ax.set_xticks(np.arange(len(datasets)), datasets)
     ax.set_ylabel("macro-F1 (held-out donors / folds)")
     ax.set_ylim(0, 1.05)
@@ -231,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per split and init")
     parser.add_argument("--workers", type=int, default=2, help="processes (one thread each); 0 = this process")
     parser.add_argument("--no-random-init", action="store_true", help="skip the random-init arm")
+    parser.add_argument("--gene-selection", nargs="+", default=[common.GENE_SELECTION], choices=common.GENE_SELECTIONS,
+                        help="flavour(s) ranking the recipes' variable genes: each one runs every arm (default: "
+                             "pearson_residuals, the recipes'; seurat: the earlier recipe's dispersion genes)")
+    parser.add_argument("--no-pretrained", action="store_true", help="skip the pretrained arm")
+    parser.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning lr (default: the recipe's)")
+    parser.add_argument("--warmup-steps", type=float, default=0.0,
+                        help="fine-tuning warm-up: steps, or a fraction of them if < 1 (default 0: the recipe's)")
     parser.add_argument("--force-pretrain", action="store_true", help="pretrain again even if a matching run exists")
     parser.add_argument("--tag", default="", help="suffix of the output file names")
     parser.add_argument("--aggregate", metavar="CSV", default=None, help="only rebuild the tables from a CSV")
@@ -239,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.aggregate:
         rows = list(csv.DictReader(open(args.aggregate, newline="")))
         datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
-        print(aggregate(rows, datasets) + "\n\n" + targets(rows, datasets))
+        print(aggregate(rows, datasets) + "\n\n" + targets(rows, datasets) + "\n\n" + selection_table(rows))
         plot(rows, datasets, Path(args.aggregate).with_suffix(".png"))
         return 0
 
@@ -251,25 +311,32 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     csv_path, md_path = out / f"annotation{args.tag}.csv", out / f"annotation{args.tag}.md"
 
-    pre_jobs = [(pretrain_job, {"family": f, "dataset": d, "split": s, "force": args.force_pretrain})
-                for d in splits for s in splits[d] for f in args.families]
+    selections = list(dict.fromkeys(args.gene_selection))
+    pre_jobs = [(pretrain_job, {"family": f, "dataset": d, "split": s, "force": args.force_pretrain,
+                                "gene_selection": g}) for d in splits for s in splits[d] for g in selections
+                for f in args.families]
     pretrained = {}
     for i, result, cpu_s, wall in common.run_jobs(pre_jobs, args.workers):
         kw = pre_jobs[i][1]
-        pretrained[kw["family"], kw["dataset"], kw["split"]] = result["pretrained"]
+        pretrained[kw["family"], kw["dataset"], kw["split"], kw["gene_selection"]] = result["pretrained"]
         cpu += cpu_s
         print(f"[{time.time() - started:6.0f} s] pretrained {kw['family']} on {kw['dataset']} {kw['split']} "
-              f"({'reused' if result['reused'] else f'{cpu_s:.0f} CPU-s'})", flush=True)
+              f"({kw['gene_selection']} genes; {'reused' if result['reused'] else f'{cpu_s:.0f} CPU-s'})", flush=True)
     jobs = []
     for d in splits:
         for s in splits[d]:
-            jobs.append((baselines_job, {"dataset": d, "split": s,
-                                         "pretrained": {f: pretrained[f, d, s] for f in args.families}}))
-            for f in args.families:
-                for init in ("pretrained",) + (() if args.no_random_init else ("random",)):
-                    for seed in range(args.seeds):
-                        jobs.append((finetune_job, {"family": f, "dataset": d, "split": s,
-                                                    "pretrained": pretrained[f, d, s], "init": init, "seed": seed}))
+            for g in selections:
+                jobs.append((baselines_job, {"dataset": d, "split": s, "gene_selection": g,
+                                             "pretrained": {f: pretrained[f, d, s, g] for f in args.families}}))
+                for f in args.families:
+                    inits = (() if args.no_pretrained else ("pretrained",)) + \
+                        (() if args.no_random_init else ("random",))
+                    for init in inits:
+                        for seed in range(args.seeds):
+                            jobs.append((finetune_job, {"family": f, "dataset": d, "split": s, "gene_selection": g,
+                                                        "pretrained": pretrained[f, d, s, g], "init": init,
+                                                        "seed": seed, "finetune_lr": args.finetune_lr,
+                                                        "warmup_steps": args.warmup_steps}))
     for i, result, cpu_s, wall in common.run_jobs(jobs, args.workers):
         cpu += cpu_s
         for row in (result if isinstance(result, list) else [result]):
@@ -281,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         common.write_csv(csv_path, rows)
     table = aggregate(rows, list(splits))
     summary = targets(rows, list(splits))
+    by_selection = selection_table(rows)
+    summary += f"\n\nGene selection alone (one pretraining run per flavour, seeds as above):\n\n{by_selection}" \
+        if by_selection else ""
     plot(rows, list(splits), out / f"annotation{args.tag}.png")
     settings = common.provenance("annotation.py", argv, started, cpu, args.workers,
                                  f"{args.seeds} fine-tuning seed(s) per split and init; ")

@@ -211,8 +211,15 @@ OBJECTIVE_KIND = {"DataCollatorForMaskedExpression": "masked_value", "DataCollat
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_dir(dataset: str, split: str, family: str, objective: str) -> Path:
-    return RUNS / dataset / slug(split) / f"{family}-{objective}"
+#: How the recipes rank their variable genes; ``seurat`` (dispersion, per donor) is the earlier recipe's, kept for
+#: the gene-selection comparison (``annotation.py --gene-selection``).
+GENE_SELECTION = "pearson_residuals"
+GENE_SELECTIONS = ("pearson_residuals", "seurat")
+
+
+def run_dir(dataset: str, split: str, family: str, objective: str, gene_selection: str = GENE_SELECTION) -> Path:
+    suffix = "" if gene_selection == GENE_SELECTION else f"-{gene_selection}"
+    return RUNS / dataset / slug(split) / f"{family}-{objective}{suffix}"
 
 
 def run_settings(family_name: str, objective: str, dataset: str, split: str, steps: int, eval_every: int) -> dict:
@@ -224,9 +231,11 @@ def run_settings(family_name: str, objective: str, dataset: str, split: str, ste
 
 
 def pretrain_run(family_name: str, dataset: str, split: str, *, objective: str | None = None, steps: int | None = None,
-                 eval_every: int | None = None, seed: int = 0, force: bool = False) -> dict:
+                 eval_every: int | None = None, seed: int = 0, force: bool = False,
+                 gene_selection: str = GENE_SELECTION) -> dict:
     """Pretrain ``family_name`` on the training cells of ``split`` (the quickstart recipe), evaluating every
-    ``eval_every`` steps on the held-out cells; reuse the run on disk when its settings match. Returns
+    ``eval_every`` steps on the held-out cells; reuse the run on disk when its settings match. ``gene_selection``:
+    the flavour that ranks the recipe's variable genes (everything else is the recipe's). Returns
     ``{"dir", "pretrained", "curve" (list of rows), "cpu_s", "reused"}``."""
     import torch
 
@@ -240,9 +249,11 @@ def pretrain_run(family_name: str, dataset: str, split: str, *, objective: str |
     recipe = RECIPES[family_name]
     steps = steps or recipe["pretrain_steps"]
     eval_every = eval_every or max(steps // 8, 1)
-    folder = run_dir(dataset, split, family_name, objective)
+    folder = run_dir(dataset, split, family_name, objective, gene_selection)
     settings = run_settings(family_name, objective, dataset, split, steps, eval_every)
     settings["seed"] = seed
+    if gene_selection != GENE_SELECTION:  # the default's settings stay as before, so its runs are reused
+        settings["gene_selection"] = gene_selection
     done = folder / "run.json"
     if not force and done.exists():
         saved = json.loads(done.read_text())
@@ -256,7 +267,7 @@ def pretrain_run(family_name: str, dataset: str, split: str, *, objective: str |
     adata, train, test = load_split(dataset, split)
     tokenizer = build_tokenizer(adata, family, max_length=recipe["max_length"], fit_on=train,
                                 n_top_genes=recipe["n_top_genes"], batch_key=batch_key_of(train),
-                                include_zero_genes=recipe.get("include_zero_genes", False))
+                                include_zero_genes=recipe.get("include_zero_genes", False), flavor=gene_selection)
     build_corpus(train, tokenizer, folder / "corpus", max_length=recipe["max_length"], shard_size=max(train.n_obs, 1),
                  obs_columns=[LABEL_KEY], progress=False, overwrite=True)
     out = folder / "pretrained"

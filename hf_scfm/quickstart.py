@@ -124,7 +124,8 @@ def prepare_split(adata, dataset: str, *, test_fraction: float = 0.2, seed: int 
 
 
 def build_tokenizer(adata, family, *, max_length: int, fit_on=None, n_top_genes: int | None = None,
-                    batch_key: str | None = None, include_zero_genes: bool = False):
+                    batch_key: str | None = None, include_zero_genes: bool = False,
+                    flavor: str = "pearson_residuals"):
     """A tokenizer of ``family``'s encoding over the genes of ``adata`` that map to the species' GENCODE IDs
     (uniquely: genes sharing an ID are dropped from the vocabulary list, their counts are still summed by the
     tokenizer); rank medians are fitted on ``fit_on`` (default ``adata``).
@@ -134,7 +135,9 @@ def build_tokenizer(adata, family, *, max_length: int, fit_on=None, n_top_genes:
     genes**: a model built for it has an embedding (and, for Mouse-GeneMamba, a next-gene softmax) of
     ``n_top_genes + 6`` rows instead of ~15-18k, of which every row is trained; the subset is also selected, so a
     query with all its genes passes the match check. ``include_zero_genes`` (binned encoding) puts every selected
-    gene in every sentence, zeros as bin 0 (SC-MAMBA2's whole-panel input)."""
+    gene in every sentence, zeros as bin 0 (SC-MAMBA2's whole-panel input). ``flavor``: how the variable genes are
+    ranked (:meth:`~hf_scfm.tokenization.GeneTokenizer.select_highly_variable_genes`; ``"seurat"`` is the
+    dispersion flavour of the earlier recipe, which ``benchmarks/annotation.py --gene-selection`` compares)."""
     from .tokenization import GeneTokenizer
 
     species = adata.uns.get("species", family.species)
@@ -147,7 +150,7 @@ def build_tokenizer(adata, family, *, max_length: int, fit_on=None, n_top_genes:
     settings = dict(model_max_length=max_length, include_zero_genes=include_zero_genes)
     tokenizer = GeneTokenizer.from_species(species, encoding=family.encoding, genes=genes, **settings)
     if n_top_genes:
-        selected = tokenizer.select_highly_variable_genes(fit_on, n_top_genes, batch_key=batch_key)
+        selected = tokenizer.select_highly_variable_genes(fit_on, n_top_genes, batch_key=batch_key, flavor=flavor)
         tokenizer = GeneTokenizer.from_species(species, encoding=family.encoding, genes=selected, **settings)
         tokenizer.select_genes(selected)
     if family.encoding == "rank":
@@ -173,16 +176,17 @@ def pretrain_tiny(family_name: str, train, tokenizer, work: Path, *, steps: int,
 
 def finetune_classifier(pretrained: Path, train_h5ad: Path, out: Path, *, steps: int, batch_size: int = 16,
                         learning_rate: float = 3e-3, lora: bool = False, seed: int = 0,
-                        max_length: int | None = None, options: dict | None = None) -> dict:
+                        max_length: int | None = None, options: dict | None = None,
+                        training_options: dict | None = None) -> dict:
     """Fine-tune ``pretrained`` on ``train_h5ad`` into ``out`` (full fine-tuning unless ``lora``, then merged);
     ``options``: more :class:`~hf_scfm.training.finetune.FinetuneArguments` fields (e.g. :data:`FINETUNE_OPTIONS`
-    of the family)."""
+    of the family); ``training_options``: more Trainer arguments (e.g. ``warmup_steps``)."""
     from .training.finetune import FinetuneArguments, FinetuneTrainingArguments, finetune
 
     args = FinetuneArguments(model=str(pretrained), train=str(train_h5ad), label_key=LABEL_KEY, lora=lora, merge=lora,
                              max_length=max_length, **(options or {}))
     training = FinetuneTrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size,
-                                         learning_rate=learning_rate, seed=seed)
+                                         learning_rate=learning_rate, seed=seed, **(training_options or {}))
     return finetune(args, training)
 
 

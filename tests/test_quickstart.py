@@ -127,3 +127,21 @@ def test_build_tokenizer_vocabulary_is_the_selected_genes():
                              batch_key="batch", include_zero_genes=True)
     enc = binned(adata[:5], return_tensors="np")
     assert enc["input_ids"].shape == (5, 201) and (enc["values"][:, 1:] == 0).mean() > 0.5
+    # flavor: the earlier recipe's dispersion genes (benchmarks/annotation.py --gene-selection seurat)
+    old = build_tokenizer(adata, get_family("mouse_genemamba"), max_length=64, fit_on=train, n_top_genes=200,
+                          batch_key="batch", flavor="seurat")
+    assert old.genes == expected.select_highly_variable_genes(train, 200, batch_key="batch", flavor="seurat")
+    assert old.genes != genes and len(old) == 206
+
+
+def test_finetune_classifier_passes_training_options(monkeypatch, tmp_path):
+    """training_options reach the Trainer's arguments (the benchmarks' fine-tuning warm-up), beside the recipe's."""
+    import hf_scfm.training.finetune as ft
+    from hf_scfm.quickstart import finetune_classifier
+
+    seen = {}
+    monkeypatch.setattr(ft, "finetune", lambda args, training: seen.update(args=args, training=training) or {})
+    finetune_classifier(tmp_path / "m", tmp_path / "t.h5ad", tmp_path / "o", steps=7, learning_rate=1e-4,
+                        options={"pooling": "mean"}, training_options={"warmup_steps": 0.1})
+    assert seen["training"].warmup_steps == 0.1 and seen["training"].max_steps == 7
+    assert seen["training"].learning_rate == 1e-4 and seen["args"].pooling == "mean"
