@@ -56,15 +56,6 @@ if args["old"]:  # the previous builder: padded tokenizer output, one thread (HF
     shards.tokenize_chunk = shards.tokenize_chunk_padded
     shards.PIPELINE_DEPTH = 0
 rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-tokenize_cpu = [0.0]
-inner = shards.tokenize_chunk
-def timed(*a, **k):
-    c = time.thread_time()  # the tokenizing thread's CPU (HF_SCFM_TOKENIZER_THREADS=1: no pool threads)
-    try:
-        return inner(*a, **k)
-    finally:
-        tokenize_cpu[0] += time.thread_time() - c
-shards.tokenize_chunk = timed
 def cpu():
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
@@ -74,7 +65,9 @@ report = build_corpus(args["input"], tok, args["out"], shard_size=args["shard_si
                       num_proc=args["num_proc"], mp_context="fork")
 seconds, cpu_seconds = time.perf_counter() - t, cpu() - c0
 children_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tokenize_cpu_seconds": tokenize_cpu[0],
+# the build's own accounting, summed over its worker processes (a counter patched in here would stay 0 in them)
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "build_cpu_seconds": report.cpu_seconds,
+                  "tokenize_cpu_seconds": report.tokenize_cpu_seconds,
                   "rss_before_mb": rss_before, "cells": report.n_cells, "shards": report.n_shards,
                   "peak_rss_mb": max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, children_rss),
                   "load": os.getloadavg()[0]}))
@@ -249,7 +242,8 @@ def main(argv=None) -> int:
 def print_build(path: str, name: str, r: dict) -> None:
     print(f"build {path:8s} {name:9s}: {r['cells']:>9,} cells in {r['seconds']:7.1f} s = {r['cells'] / r['seconds']:8,.0f} "
           f"cells/s wall, {r['cells'] / r['cpu_seconds']:8,.0f} cells per CPU-s (tokenizer "
-          f"{r['tokenize_cpu_seconds'] / r['cpu_seconds']:.0%} of the CPU); {r['shards']} shards; peak RSS "
+          f"{r['tokenize_cpu_seconds'] / max(r['build_cpu_seconds'], 1e-9):.0%} of the build's CPU, all processes); "
+          f"{r['shards']} shards; peak RSS "
           f"{r['peak_rss_mb']:,.0f} MB ({r['rss_before_mb']:,.0f} MB after imports); load {r['load']:.1f}", flush=True)
 
 

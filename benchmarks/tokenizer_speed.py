@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/tokenizer_speed.py [--max-length 2048] [--repeats 3] [--dataset baron_human] [--threads N]
 
-For each encoding it prints cells/s of ``GeneTokenizer.__call__`` (whole dataset, ``return_tensors="np"``)
-and of a straightforward per-cell loop written the way Geneformer's tokenizer works (slice the row,
+For each encoding it prints cells/s of ``GeneTokenizer.__call__`` (whole dataset, ``return_tensors="np"``),
+of the plain call ``tok(adata, max_length=..., truncation=True)`` (one NumPy array per cell), of
+``encode_flat`` (the corpus builder's call), the two side by side (A B A B, min / median), of the plain call
+with the compiled kernel off (``HF_SCFM_NUMBA=0``: numba is optional), and of a straightforward per-cell loop written the way Geneformer's tokenizer works (slice the row,
 normalise, order/sample the genes, map IDs, pad), measured in the same run, and the ratio. The loop
 reuses the tokenizer's column -> token mapping, so only per-cell work is compared. Best of ``--repeats``
 (wall clock), with the CPU time of that run and the load average, since the machine may be shared: a
@@ -83,9 +85,11 @@ def main(argv=None):
     norm_s = min(_timed(lambda: _normalise(X, lib)) for _ in range(max(3, args.repeats)))
     print(f"one NumPy normalisation pass (counts / library * 1e4, log1p) over the CSR matrix: {norm_s * 1e3:.1f} ms "
           f"({adata.n_obs / norm_s:,.0f} cells/s)")
-    print(f"{'encoding':<11} {'vectorised cells/s':>19} {'(per CPU-s)':>12} {'per-cell loop cells/s':>22} "
-          f"{'speed-up':>9} | plain call tok(adata, max_length, truncation=True) cells/s min / median (target >= 20,000; "
-          f"x normalisation pass, target <= 10)")
+    print(f"{'encoding':<11} {'np cells/s':>11} {'(per CPU-s)':>12} {'per-cell loop':>14} {'speed-up':>9} | "
+          f"cells/s min / median (target >= 20,000 on one thread; x normalisation pass, target <= 10): "
+          f"plain call tok(adata, max_length, truncation=True) | encode_flat | plain call without numba")
+    from hf_scfm.tokenization import encodings
+
     for encoding in ("rank", "binned", "continuous"):
         tok = GeneTokenizer(vocab=base._tokens, encoding=encoding, species=species)
         if encoding == "rank":
@@ -99,12 +103,39 @@ def main(argv=None):
         medians = tok._median_array() if encoding == "rank" else None
         slow = min(_timed(lambda: per_cell_loop(X, lib, col_tokens, encoding, n_genes, prefix, suffix, medians,
                                                 tok.n_bins)) for _ in range(max(1, args.repeats - 1)))
-        plain = sorted(_timed(lambda: tok(adata, max_length=args.max_length, truncation=True))
-                       for _ in range(max(3, args.repeats)))
+        calls = {"plain": lambda: tok(adata, max_length=args.max_length, truncation=True),
+                 "flat": lambda: tok.encode_flat(adata, max_length=args.max_length)}
+        times = {k: [] for k in calls}
+        for _ in range(max(3, args.repeats)):  # A B A B: the two calls side by side
+            for k, fn in calls.items():
+                times[k].append(_timed(fn))
+        no_numba = _without_numba(encodings, lambda: sorted(
+            _timed(lambda: tok(adata, max_length=args.max_length, truncation=True)) for _ in range(max(3, args.repeats))))
         n = adata.n_obs
-        print(f"{encoding:<11} {n / fast:>19,.0f} {n / fast_cpu:>12,.0f} {n / slow:>22,.0f} {slow / fast:>8.1f}x | "
-              f"{n / plain[0]:,.0f} / {n / plain[len(plain) // 2]:,.0f} ({plain[0] / norm_s:.0f}x)")
+        cols = " | ".join(_rate(n, sorted(times[k]), norm_s) for k in calls)
+        print(f"{encoding:<11} {n / fast:>11,.0f} {n / fast_cpu:>12,.0f} {n / slow:>14,.0f} {slow / fast:>8.1f}x | "
+              f"{cols} | {_rate(n, no_numba, norm_s)}")
     print(f"load average after: {_load()}")
+
+
+def _rate(n: int, times: list[float], norm_s: float) -> str:
+    return f"{n / times[0]:,.0f} / {n / times[len(times) // 2]:,.0f} ({times[0] / norm_s:.0f}x)"
+
+
+def _without_numba(encodings, fn):
+    """``fn()`` with the tokenizer's compiled kernel switched off (``HF_SCFM_NUMBA=0``: the NumPy paths)."""
+    saved, env = dict(encodings._NB), os.environ.get("HF_SCFM_NUMBA")
+    os.environ["HF_SCFM_NUMBA"] = "0"
+    encodings._NB.clear()
+    try:
+        return fn()
+    finally:
+        encodings._NB.clear()
+        encodings._NB.update(saved)
+        if env is None:
+            os.environ.pop("HF_SCFM_NUMBA")
+        else:
+            os.environ["HF_SCFM_NUMBA"] = env
 
 
 def _normalise(X, lib):

@@ -87,7 +87,7 @@ def test_shards_hold_the_tokenizer_output_cell_by_cell(corpus, inputs, tokenizer
     for adata, offset, source in ((a, 0, "donors_a.h5ad"), (b, N_A, "donors_b.h5ad")):
         enc = tokenizer(adata, max_length=MAX_LENGTH, padding=False)
         n = adata.n_obs
-        assert rows["input_ids"][offset : offset + n] == enc["input_ids"]
+        assert rows["input_ids"][offset : offset + n] == [x.tolist() for x in enc["input_ids"]]
         np.testing.assert_array_equal(
             np.concatenate(rows["values"][offset : offset + n]), np.concatenate(enc["values"]).astype(np.float32)
         )
@@ -185,6 +185,10 @@ def test_parallel_build_equals_serial(corpus, inputs, tokenizer, tmp_path):
     report = build_corpus(inputs[0], tokenizer, tmp_path / "par", num_proc=2, mp_context="fork", **BUILD)
     assert report.shards_written == 5
     assert shard_bytes(tmp_path / "par") == shard_bytes(out)
+    # the CPU accounting counts the workers (the tokenizer ran only there: a counter in the parent stays 0)
+    assert 0 < report.tokenize_cpu_seconds <= report.cpu_seconds
+    serial = build_corpus(inputs[0], tokenizer, tmp_path / "ser", **BUILD)
+    assert 0 < serial.tokenize_cpu_seconds <= serial.cpu_seconds
 
 
 def test_one_file_split_over_processes_and_the_unpipelined_padded_path_give_the_same_shards(

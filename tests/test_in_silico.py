@@ -57,7 +57,7 @@ def test_delete_equals_hand_edited_sentence(rank_model):
 
     sums, counts = {}, {}
     for row, i in enumerate(holders):
-        ids, vals = enc["input_ids"][i], enc["values"][i]
+        ids, vals = enc["input_ids"][i].tolist(), enc["values"][i].tolist()
         pos = ids.index(t)
         new_ids, new_vals = ids[:pos] + ids[pos + 1:], vals[:pos] + vals[pos + 1:]  # by hand
         emb_o, hid_o = run(model, ids, vals)
@@ -87,7 +87,7 @@ def test_overexpress_moves_to_front_and_inserts(rank_model):
     result = in_silico_perturb(model, adata, gene, tokenizer=tok, mode="overexpress", max_length=MAX_LEN)
     assert result.summary.iloc[0]["n_cells"] == adata.n_obs and result.summary.iloc[0]["n_skipped"] == 0
     absent = next(i for i in range(adata.n_obs) if i not in holders)
-    ids, vals = enc["input_ids"][absent], enc["values"][absent]
+    ids, vals = enc["input_ids"][absent].tolist(), enc["values"][absent].tolist()
     new_ids = [ids[0], t] + ids[1:]
     new_vals = [vals[0], vals[1]] + vals[1:]
     if len(new_ids) > MAX_LEN:  # the last gene makes room; <eos> stays

@@ -187,7 +187,7 @@ def test_special_tokens_and_values_layout(tokenizers, cells):
     assert v.min() >= 1 and v.max() == 50 and (v == v.round()).all()  # expressed genes only: bins 1..n_bins-1
     custom = _retarget(tokenizers["mouse"], "continuous", prefix_tokens=["<cls>", "<bos>"], suffix_tokens=["<eos>"])
     ids = custom(adata, max_length=20)["input_ids"]
-    assert all(r[:2] == [CLS_TOKEN_ID, BOS_TOKEN_ID] and r[-1] == EOS_TOKEN_ID and len(r) == 20 for r in ids)
+    assert all(r[:2].tolist() == [CLS_TOKEN_ID, BOS_TOKEN_ID] and r[-1] == EOS_TOKEN_ID and len(r) == 20 for r in ids)
     with pytest.raises(ValueError, match="must be special tokens"):
         _retarget(tokenizers["mouse"], "rank", prefix_tokens=["ACTB"])
 

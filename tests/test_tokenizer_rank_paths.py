@@ -72,3 +72,35 @@ def test_duplicate_columns_take_the_canonical_path_and_are_summed(cells):
     with pytest.warns(UserWarning, match="summed"):
         colmap, _ = tok._column_map(names)
     assert enc.encode_rank_csr(counts, colmap, n_counts, tok._median_array(), 300) is None
+
+
+@pytest.mark.parametrize("block_entries", [64, 1 << 15])
+def test_odd_rows_and_the_flat_layout(cells, block_entries):
+    """Rows with no entry at all, with only unmatched genes, with one gene, with ties only and with more genes
+    than n_genes, runs of hundreds of such rows inside one block: the one-sort path (and its flat output with
+    the special tokens in place) equals the canonical path."""
+    tok = GeneTokenizer.from_species("human", encoding="rank")
+    tok.use_unit_medians()  # ties everywhere
+    names = list(cells.var_names)
+    colmap, _ = tok._column_map(names)
+    matched = np.flatnonzero(colmap.rank >= 0)
+    unmatched = np.flatnonzero(colmap.rank < 0)
+    rng = np.random.default_rng(0)
+    rows = [[], [(unmatched[0], 3.0)], [(matched[5], 1.0)], [(c, 2.0) for c in matched[:40]]]
+    rows += [[(c, float(rng.integers(1, 4))) for c in rng.choice(matched, 500, replace=False)]]
+    rows += [[] if i % 3 else [(matched[i], 1.0)] for i in range(400)]  # many short or empty rows in a block
+    rows += [[(c, float(rng.integers(1, 50))) for c in np.sort(rng.choice(np.arange(len(names)), 900, replace=False))]]
+    indptr = np.cumsum([0] + [len(r) for r in rows])
+    cols = np.array([c for r in rows for c, _ in r], dtype=np.int32)
+    vals = np.array([v for r in rows for _, v in r], dtype=np.float32)
+    counts = sp.csr_matrix((vals, cols, indptr), shape=(len(rows), len(names)))
+    n_counts = np.maximum(np.asarray(counts.sum(1)).ravel(), 1.0)
+    medians = tok._median_array()
+    slow = enc.encode_rank(enc.gather_entries(counts, colmap, n_counts), medians, 300)
+    fast = enc.encode_rank_csr(counts, colmap, n_counts, medians, 300, block_entries=block_entries)
+    _assert_same(fast, slow)
+    assert slow.lengths[:4].tolist() == [0, 0, 1, 40] and slow.lengths.max() == 300
+    flat = enc.encode_rank_flat(counts, colmap, n_counts, medians, 300, [2], [3], np.int32, block_entries=block_entries)
+    for got, want in zip(flat, enc.flatten_sentences([slow], [2], [3], ids_dtype=np.int32)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)

@@ -82,6 +82,7 @@ def test_tokenizer_output_is_the_same_with_and_without_numba(cells, tokenizer, m
     for use_numba in (True, False):
         if not use_numba:
             monkeypatch.setattr(enc, "_NB", {"sampled": None})
+            monkeypatch.setattr(enc, "SAMPLED_BLOCK_ENTRIES", 5000)  # the NumPy path in blocks of a few rows
         runs[use_numba] = [t(cells, max_length=257, chunk_size=37, return_tensors="np", seed=5) for t in (tokenizer, cont)]
     for fast, slow in zip(runs[True], runs[False]):
         for key in ("input_ids", "values", "attention_mask"):

@@ -85,6 +85,10 @@ class CorpusBuildReport:
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     #: cells whose counts all fall in genes outside the vocabulary (special tokens only; a warning says so)
     n_cells_without_genes: int = 0
+    #: CPU seconds of the shard builds, summed over this process and every worker process (``num_proc > 1``)
+    cpu_seconds: float = 0.0
+    #: of which in the tokenizer calls (the tokenizing threads' CPU time; its optional pool threads not counted)
+    tokenize_cpu_seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------- tokenizer handling
@@ -255,11 +259,10 @@ def build_corpus(
     try:
         in_process = [j for j in jobs if j["source"].adata is not None or num_proc <= 1]
         parallel = _split_jobs([j for j in jobs if j not in in_process], num_proc)
-        if parallel:
-            _run_parallel(parallel, num_proc, bar, mp_context)
+        results = _run_parallel(parallel, num_proc, bar, mp_context) if parallel else []
         for job in in_process:
             job["tokenizer"] = tokenizer
-            build_source(job, progress=bar.update)
+            results.append(build_source(job, progress=bar.update))
     finally:
         bar.close()
 
@@ -279,6 +282,8 @@ def build_corpus(
         out_dir=out_dir, n_cells=sum(i["n_cells"] for i in infos), n_shards=len(files),
         shards_written=sum(len(j["shards"]) for j in jobs), shards_skipped=skipped,
         cells_per_source=per_source, label_counts=labels, n_cells_without_genes=n_without_genes,
+        cpu_seconds=sum(r["cpu_seconds"] for r in results),
+        tokenize_cpu_seconds=sum(r["tokenize_cpu_seconds"] for r in results),
     )
     with open(build_file, "w", encoding="utf-8") as fh:
         json.dump({"complete": True, "shards": sorted(planned)}, fh, indent=2)
@@ -313,7 +318,8 @@ def _split_jobs(jobs: list[dict], num_proc: int) -> list[dict]:
     return jobs
 
 
-def _run_parallel(jobs, num_proc, bar, mp_context) -> None:
+def _run_parallel(jobs, num_proc, bar, mp_context) -> list[dict]:
+    """Run ``jobs`` on ``num_proc`` worker processes; their :func:`build_source` results (CPU time included)."""
     import multiprocessing as mp
     import queue as queue_mod
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -322,6 +328,7 @@ def _run_parallel(jobs, num_proc, bar, mp_context) -> None:
     with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=min(num_proc, len(jobs)), mp_context=ctx) as pool:
         q = manager.Queue()
         pending = {pool.submit(worker, {k: v for k, v in job.items() if k != "tokenizer"}, q) for job in jobs}
+        results = []
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             while True:
@@ -330,7 +337,8 @@ def _run_parallel(jobs, num_proc, bar, mp_context) -> None:
                 except queue_mod.Empty:
                     break
             for fut in done:
-                fut.result()  # re-raise a worker's error here
+                results.append(fut.result())  # re-raises a worker's error here
+    return results
 
 
 # --------------------------------------------------------------------------- command line

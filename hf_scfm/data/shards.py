@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections import Counter
 from collections.abc import Mapping
 
@@ -165,9 +166,12 @@ def shard_status(path: str, expected: dict) -> str:
     return "done" if same else "different"
 
 
-def _encoded_chunks(src, source, shards, *, tokenizer, max_length, chunk_size, schema, obs_kinds):
+def _encoded_chunks(src, source, shards, *, tokenizer, max_length, chunk_size, schema, obs_kinds, cpu=None):
     """``(shard, lo, hi, Arrow table, label counts, n_tokens)`` for every chunk of the listed shards, in order:
-    the read (h5ad), tokenize and Arrow-conversion half of the build."""
+    the read (h5ad), tokenize and Arrow-conversion half of the build. ``cpu`` (a one-element list) gets the CPU
+    seconds of the tokenizer calls added (this thread's CPU time: the tokenizer's pool threads are not in it)."""
+    import time
+
     import pyarrow as pa
 
     gene_names = tuple(src.var_names)
@@ -177,11 +181,15 @@ def _encoded_chunks(src, source, shards, *, tokenizer, max_length, chunk_size, s
             counts = src.rows(lo, hi)
             lib = None if src.library_sizes is None else src.library_sizes[lo:hi]
             obs = src.obs.iloc[lo:hi]
+            t0 = time.thread_time()
             try:
                 offsets, ids, values, lengths = tokenize_chunk(tokenizer, counts, gene_names, lib, max_length,
                                                                obs.index, species=src.species)
             except ValueError as err:
                 raise ValueError(f"{source.path or source.name} (cells {lo}:{hi}): {err}") from err
+            finally:
+                if cpu is not None:
+                    cpu[0] += time.thread_time() - t0
             obs_arrays, label_chunk = _obs_arrays(obs, obs_kinds)
             offsets = pa.array(offsets)
             columns = [
@@ -236,8 +244,10 @@ class ShardWriter:
 PIPELINE_DEPTH = 2
 
 
-def build_source(job: dict, progress=None) -> int:
-    """Build the listed shards of one source (runs in the main process or a worker).
+def build_source(job: dict, progress=None) -> dict:
+    """Build the listed shards of one source (runs in the main process or a worker); returns
+    ``{"shards": shards written, "cpu_seconds": CPU of this process during the build, "tokenize_cpu_seconds":
+    CPU of the tokenizer calls}``, which :func:`hf_scfm.data.build_corpus` sums over its workers.
 
     Two stages overlap: a background thread reads and tokenizes chunk ``i + 1`` (h5py, the tokenizer's
     compiled kernel and NumPy) while this thread writes chunk ``i`` to Parquet (Arrow's encoder and zstd
@@ -252,8 +262,11 @@ def build_source(job: dict, progress=None) -> int:
     src = open_count_source(source.adata if source.adata is not None else source.path, layer=job.get("layer"))
     bounds = {shard: (start, stop) for shard, start, stop in job["shards"]}
     current: ShardWriter | None = None
+    tokenize_cpu = [0.0]
+    cpu0 = time.process_time()
     chunks = _encoded_chunks(src, source, job["shards"], tokenizer=tokenizer, max_length=job["max_length"],
-                             chunk_size=job["chunk_size"], schema=job["schema"], obs_kinds=job["obs_kinds"])
+                             chunk_size=job["chunk_size"], schema=job["schema"], obs_kinds=job["obs_kinds"],
+                             cpu=tokenize_cpu)
     stream = _read_ahead(chunks, PIPELINE_DEPTH) if PIPELINE_DEPTH else chunks
     try:
         for shard, lo, hi, table, label_chunk, n_tokens in stream:
@@ -277,8 +290,9 @@ def build_source(job: dict, progress=None) -> int:
         handle = getattr(handle, "file", None)
         if source.adata is None and handle is not None:
             handle.close()
-    return len(job["shards"])
+    return {"shards": len(job["shards"]), "cpu_seconds": time.process_time() - cpu0,
+            "tokenize_cpu_seconds": tokenize_cpu[0]}
 
 
-def worker(job: dict, queue) -> int:
+def worker(job: dict, queue) -> dict:
     return build_source(job, progress=queue.put)

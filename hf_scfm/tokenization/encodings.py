@@ -85,6 +85,27 @@ class CellEntries:
         return self.count.astype(np.float64) / np.repeat(self.n_counts, np.diff(self.indptr)) * TARGET_SUM
 
 
+#: Entries per block of rows for the NumPy ``binned`` / ``continuous`` encodings (:func:`row_blocks`): their ~60
+#: element-wise passes then run on L2-sized arrays (about 2x faster than over a whole 2,048-cell chunk).
+SAMPLED_BLOCK_ENTRIES = 1 << 17
+
+
+def row_blocks(entries: "CellEntries", block_entries: int | None = None):
+    """``entries`` as consecutive blocks of whole rows with about ``block_entries`` entries each (views, no copy).
+    Every encoding is defined cell by cell, so encoding the blocks one by one gives the chunk's sentences."""
+    block_entries = block_entries or SAMPLED_BLOCK_ENTRIES
+    indptr = entries.indptr
+    n = int(indptr[-1])
+    if n <= block_entries:
+        yield entries
+        return
+    edges = np.unique(np.concatenate(([0, entries.n_cells], np.searchsorted(indptr, np.arange(block_entries, n, block_entries)))))
+    for r0, r1 in zip(edges[:-1].tolist(), edges[1:].tolist()):  # a loop over blocks of rows, not over cells
+        a, b = int(indptr[r0]), int(indptr[r1])
+        yield CellEntries(indptr=indptr[r0:r1 + 1] - a, token=entries.token[a:b], count=entries.count[a:b],
+                          n_counts=entries.n_counts[r0:r1])
+
+
 @dataclass
 class ColumnMap:
     """How input columns map to tokens: ``rank[col]`` indexes ``tokens`` (sorted unique), -1 if unmatched."""
@@ -271,8 +292,10 @@ def encode_rank(entries: CellEntries, medians: np.ndarray, n_genes: int) -> Gene
 
 
 #: Entries per block of rows in :func:`encode_rank_csr`: a block's working arrays (about 60 bytes per entry)
-#: stay in the L2 cache, so the ~20 element-wise passes and the sort run from cache rather than memory.
-RANK_BLOCK_ENTRIES = 1 << 14
+#: stay in the L2 cache, so the ~25 element-wise passes and the sorts run from cache rather than memory.
+RANK_BLOCK_ENTRIES = 1 << 15
+#: Entries per ``np.sort`` call inside a block (whole rows; sorting ~16k keys at a time is cache-friendly).
+RANK_SORT_ENTRIES = 1 << 14
 
 
 #: Worker threads for the blocks of :func:`encode_rank_csr` (NumPy releases the GIL in its loops and sorts).
@@ -308,19 +331,33 @@ def _map_blocks(fn, spans):
 
 def encode_rank_csr(counts, colmap: ColumnMap, n_counts: np.ndarray, medians: np.ndarray, n_genes: int,
                     block_entries: int = RANK_BLOCK_ENTRIES) -> GeneSentences | None:
-    """Rank encoding straight from a CSR chunk (input column order), one ``np.sort`` per block of rows.
+    """:func:`encode_rank_flat` as :class:`GeneSentences` (no special tokens), or None (see there)."""
+    flat = encode_rank_flat(counts, colmap, n_counts, medians, n_genes, block_entries=block_entries)
+    if flat is None:
+        return None
+    _, token, value, lengths = flat
+    return GeneSentences(token=token, value=value, lengths=lengths)
+
+
+def encode_rank_flat(counts, colmap: ColumnMap, n_counts: np.ndarray, medians: np.ndarray, n_genes: int,
+                     prefix=(), suffix=(), ids_dtype=np.int64, block_entries: int = RANK_BLOCK_ENTRIES):
+    """Rank encoding straight from a CSR chunk (input column order), one ``np.sort`` per group of rows.
 
     Same sentences as ``encode_rank(gather_entries(...))`` without building the canonical (token-ordered)
-    entries first: each entry gets the key ``row in block | 31 bits descending score | token rank |
-    position in row``. The score is a positive float32 (sign bit 0, so 31 bits keep its order); the token
-    rank breaks ties by token id, so the input's column order does not matter; the position gives the
-    entry (count) back. Unmatched columns and explicit zeros get score 0 and token rank ``K`` (past every
-    token): they sort last in their row and are cut. Returns None when the fast path does not apply
-    (input columns mapping to the same token, which must be summed first; or a key wider than 64 bits):
-    the caller then uses the canonical path.
-
-    Rows are processed in blocks of about ``block_entries`` entries (whole rows; a loop over blocks of
-    cells, not over cells): every array of a block fits the L2 cache.
+    entries first. Rows are processed in blocks of about ``block_entries`` entries (whole rows; a loop over
+    blocks of cells, not over cells), so every array of a block stays in the L2 cache. Each entry gets the
+    key ``row in sort group | 31 bits descending score | token | position in row``: the score is a positive
+    float32 (sign bit 0, so 31 bits keep its order); the token field (the token id itself when it fits, else
+    the token's rank among the matched tokens) breaks ties by token id, so the input's column order does not
+    matter, and gives the token back; the position gives the entry (count) back. Unmatched columns and
+    explicit zeros get score 0 and a token field past every token: they sort last in their row, and one
+    ``searchsorted`` per group counts the valid entries of each row. One ``np.sort`` per group of whole rows
+    (about :data:`RANK_SORT_ENTRIES` entries, at most as many rows as the row field holds) orders every row
+    of it. Returns the flat sentences ``(offsets int64 [B+1], ids, values float32, lengths int64)`` with the
+    ``prefix`` / ``suffix`` special tokens in place (what :func:`flatten_sentences` makes of the canonical
+    path's sentences: the same arrays), each block's genes written straight to their place. Returns None
+    when the fast path does not apply (input columns mapping to the same token, which must be summed first;
+    or a key wider than 64 bits): the caller then uses the canonical path.
     """
     if colmap.has_duplicates:
         return None
@@ -328,82 +365,125 @@ def encode_rank_csr(counts, colmap: ColumnMap, n_counts: np.ndarray, medians: np
     indptr = np.asarray(counts.indptr, dtype=np.int64)
     nnz_row = np.diff(indptr)
     n_tok = len(colmap.tokens)
-    kb, pb = _bits(n_tok + 1), _bits(int(nnz_row.max(initial=1)))
-    rb_max = 64 - 31 - kb - pb  # bits left for the row within a block
+    pb = _bits(int(nnz_row.max(initial=1)))
+    tables = colmap.rank_tables(medians)
+    med_col = tables[1]  # per input column: median (inf if unmatched: score 0)
+    top_id = int(colmap.tokens[-1]) + 1 if n_tok else 1
+    if 64 - 31 - pb - _bits(top_id + 1) >= 3:  # the token id itself (no gather of the tokens at the end)
+        kb, sentinel = _bits(top_id + 1), top_id
+        tok_col = np.where(colmap.rank >= 0, colmap.tokens[np.maximum(colmap.rank, 0)] if n_tok else 0,
+                           sentinel).astype(np.uint64)
+        token_of = None
+    else:  # the token's rank among the matched tokens
+        kb, sentinel = _bits(n_tok + 1), n_tok
+        tok_col, token_of = tables[0], colmap.tokens
+    rb_max = 64 - 31 - kb - pb  # bits left for the row within a sort group
     if rb_max < 0:
         return None
-    tables = colmap.rank_tables(medians)
-    rank_shifted = tables[0] << np.uint64(pb)  # per input column: token rank (K if unmatched) << pb
-    med_col = tables[1]  # per input column: median (inf if unmatched: score 0)
+    tok_shifted = tok_col << np.uint64(pb)  # per input column: token field << pb (sentinel if unmatched)
+    k_field = np.uint64(sentinel) << np.uint64(pb)
     nnz = int(indptr[-1])
     data = counts.data[:nnz]
     if data.dtype != np.float32:
         data = data.astype(np.float32)
-    indices = counts.indices[:nnz].astype(np.intp)  # intp indices: NumPy's fast gather path (2x over int32)
+    indices = counts.indices[:nnz]
     lib = np.asarray(n_counts, dtype=np.float64)
     s_score, s_pos, s_row = np.uint64(kb + pb), np.uint64(pb), 31 + kb + pb
-    zero_fix = not data.all()
-    k_field = np.uint64(n_tok) << s_pos
+    zeros = not data.all()
     tok_mask, pos_mask = np.uint64((1 << kb) - 1), np.uint64((1 << pb) - 1)
     top = np.uint32(0x7FFFFFFF)
+    max_rows = 1 << min(rb_max, 30)
+    invalid_from = (np.uint64(0x7FFFFFFF) << s_score) | k_field  # keys at or past this (in a row) are invalid
+    n_pre, n_suf = len(prefix), len(suffix)
+    n_spec = n_pre + n_suf
+    # blocks of whole rows with about block_entries entries each (a long row is a block of its own)
+    edges = np.unique(np.concatenate(([0, n_cells], np.searchsorted(indptr, np.arange(block_entries, nnz, block_entries)))))
+    edges = edges.astype(np.int64)
+    spans = [(r0, r1) for r0, r1 in zip(edges[:-1].tolist(), edges[1:].tolist()) if r1 > r0]
+    # 0, 1, 2, ... shared by the blocks: as long as a block's output (entries, rows, special tokens)
+    ramp = np.arange(int(np.max(np.diff(indptr[edges]) + (n_spec + 1) * np.diff(edges), initial=0)) + 1,
+                     dtype=np.int64)
 
     def block(r0: int, r1: int):
         e0, e1 = int(indptr[r0]), int(indptr[r1])
+        n, n_rows = e1 - e0, r1 - r0
+        ix = indices[e0:e1].astype(np.intp)  # intp indices: NumPy's fast gather path (3x over int32)
+        cnt = data[e0:e1]
         nr = nnz_row[r0:r1]
-        ix = indices[e0:e1]
         row_start = indptr[r0:r1] - e0
-        # sort blocks: whole rows, about block_entries entries, at most 2**rb_max rows (the key's row field)
-        cuts = np.union1d(np.searchsorted(row_start, np.arange(block_entries, e1 - e0, block_entries)),
-                          np.arange(0, r1 - r0, 1 << min(rb_max, 30)))
-        cuts = np.union1d(cuts, [0, r1 - r0]).astype(np.int64)
-        rel_row = np.arange(r1 - r0, dtype=np.int64) - np.repeat(cuts[:-1], np.diff(cuts))
-        xn = data[e0:e1].astype(np.float64)
+        xn = cnt.astype(np.float64)
         np.divide(xn, np.repeat(lib[r0:r1], nr), out=xn)
         np.multiply(xn, TARGET_SUM, out=xn)  # x_norm = counts / n_counts * 10_000, as in the definition
-        desc = np.empty(e1 - e0, dtype=np.float32)
+        desc = np.empty(n, dtype=np.float32)
         np.divide(xn, med_col[ix], out=desc, casting="unsafe")  # float32(x_norm / median)
         desc = desc.view(np.uint32)
         np.subtract(top, desc, out=desc)  # larger score -> smaller key (positive floats: bits are monotone)
+        # sort groups: whole rows, about RANK_SORT_ENTRIES entries, at most max_rows rows (the key's row field)
+        if n <= RANK_SORT_ENTRIES and n_rows <= max_rows:
+            cuts = np.array([0, n_rows], dtype=np.int64)
+            rel_row = ramp[:n_rows]
+        else:
+            cuts = np.unique(np.concatenate(([0, n_rows], np.arange(max_rows, n_rows, max_rows),
+                                             np.searchsorted(row_start, ramp[1:(n - 1) // RANK_SORT_ENTRIES + 1]
+                                                             * RANK_SORT_ENTRIES))))
+            rel_row = ramp[:n_rows] - np.repeat(cuts[:-1], np.diff(cuts))
         # row field and position in row in one pass: entry e of row r -> (rel_row << s_row) + e - row_start
         key = np.repeat(((rel_row << s_row) - row_start).view(np.uint64), nr)
-        key += np.arange(e1 - e0, dtype=np.uint64)
+        key += ramp[:n].view(np.uint64)
         tmp = desc.astype(np.uint64)
         tmp <<= s_score
         key |= tmp
-        tr = rank_shifted[ix]
-        if zero_fix:
-            tr[data[e0:e1] == 0] = k_field
-        key |= tr
-        bounds = row_start[cuts[:-1]].tolist() + [e1 - e0]
-        for c0, c1 in zip(bounds[:-1], bounds[1:]):  # cache-sized sorts (a block of rows each)
-            key[c0:c1].sort()
-        invalid_rows = np.searchsorted(row_start[1:], np.flatnonzero(tr == k_field), side="right")
-        lengths = np.minimum(nr - np.bincount(invalid_rows, minlength=r1 - r0), n_genes)
-        start = np.repeat(row_start, lengths)
-        if not (lengths == nr).all():  # keep each row's first lengths[r] keys (a gather: cheaper than a bool mask)
-            kept_start = np.zeros(r1 - r0, dtype=np.int64)
-            np.cumsum(lengths[:-1], out=kept_start[1:])
-            take = np.repeat(row_start - kept_start, lengths)
-            take += np.arange(len(take), dtype=np.int64)
-            key = key[take]
+        tmp = tok_shifted[ix]
+        if zeros:
+            tmp[cnt == 0] = k_field
+        key |= tmp
+        bounds = row_start[cuts[:-1]].tolist() + [n]
+        cut_rows = cuts.tolist()
+        n_valid = np.empty(n_rows, dtype=np.int64)
+        for g, (c0, c1) in enumerate(zip(bounds[:-1], bounds[1:])):  # cache-sized sorts (a group of rows each)
+            part = key[c0:c1]
+            part.sort()
+            g0, g1 = cut_rows[g], cut_rows[g + 1]
+            # valid entries per row: keys below the row's first possible invalid key (one binary search per row)
+            ends = np.searchsorted(part, (ramp[:g1 - g0].view(np.uint64) << np.uint64(s_row)) | invalid_from)
+            n_valid[g0:g1] = ends + c0 - row_start[g0:g1]
+        lengths = np.minimum(n_valid, n_genes)
+        # one gather puts the block in its final layout: each row's first lengths[r] keys with n_pre slots before
+        # and n_suf after them (the special tokens' slots read a neighbouring key and are overwritten later)
+        total = lengths + n_spec
+        out_start = np.zeros(n_rows, dtype=np.int64)
+        np.cumsum(total[:-1], out=out_start[1:])
+        take = np.repeat(row_start - out_start - n_pre, total)
+        take += ramp[:len(take)]
+        start = np.repeat(row_start, total)
+        if n_spec or not (lengths == nr).all():
+            key = np.take(key, take, mode="clip")
         entry = key & pos_mask
         entry = entry.view(np.int64)
         entry += start
         key >>= s_pos
         key &= tok_mask
-        return colmap.tokens[key.view(np.int64)], np.log1p(xn[entry]).astype(np.float32), lengths
+        value = np.take(xn, entry, mode="clip")
+        np.log1p(value, out=value)  # in place: a fresh temporary per block costs more than the log
+        token = key.view(np.int64) if token_of is None else np.take(token_of, key.view(np.int64), mode="clip")
+        return token, value, lengths
 
-    n_spans = 2 * _n_threads() if nnz > 4 * block_entries else 1  # a few large spans: one per thread and more
-    edges = np.unique(np.concatenate(([0, n_cells], np.searchsorted(indptr, np.linspace(0, nnz, n_spans + 1)[1:-1]))))
-    edges = edges.astype(np.int64).tolist()
-    spans = list(zip(edges[:-1], edges[1:]))
-    parts = _map_blocks(block, [(r0, r1) for r0, r1 in spans if r1 > r0])
-    out_tok, out_val, out_len = (list(p) for p in zip(*parts)) if parts else ([], [], [])
-    if not out_len:
-        return GeneSentences(token=np.zeros(0, np.int64), value=np.zeros(0, np.float32),
-                             lengths=np.zeros(n_cells, np.int64))
-    return GeneSentences(token=np.concatenate(out_tok), value=np.concatenate(out_val),
-                         lengths=np.concatenate(out_len))
+    parts = _map_blocks(block, spans)
+    gene_len = np.concatenate([p[2] for p in parts]) if parts else np.zeros(n_cells, np.int64)
+    lengths = gene_len + n_spec
+    offsets = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if not parts:
+        return offsets, np.zeros(0, ids_dtype), np.zeros(0, np.float32), lengths
+    ids = np.concatenate([p[0] for p in parts], dtype=ids_dtype, casting="unsafe")
+    values = np.concatenate([p[1] for p in parts], dtype=np.float32, casting="unsafe")
+    for j, tid in enumerate(prefix):
+        ids[offsets[:-1] + j] = tid
+        values[offsets[:-1] + j] = 0.0
+    for j, tid in enumerate(suffix):
+        ids[offsets[1:] - n_suf + j] = tid
+        values[offsets[1:] - n_suf + j] = 0.0
+    return offsets, ids, values, lengths
 
 
 def cell_hashes(entries: CellEntries, seed: int, rows: np.ndarray | None = None) -> np.ndarray:
@@ -545,33 +625,51 @@ def encode_binned(entries: CellEntries, n_genes: int, seed: int, n_bins: int,
     return _compact(entries, keep, bins.astype(np.float32), n_genes)
 
 
-def assemble(sentences: list[GeneSentences], prefix: list[int], suffix: list[int], pad_to: int | None):
-    """Padded ``(input_ids int64, values float32, attention_mask int64, lengths)`` of whole sentences.
+def join_flat(parts, ids_dtype=np.int64):
+    """One ``(offsets, ids, values, lengths)`` from per-chunk flat sentences (see :func:`flatten_sentences`)."""
+    if len(parts) == 1 and parts[0][1].dtype == ids_dtype:
+        return parts[0]
+    lengths = np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    ids = np.concatenate([p[1] for p in parts]).astype(ids_dtype, copy=False) if parts else np.zeros(0, ids_dtype)
+    values = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
+    return offsets, ids, values, lengths
 
-    ``pad_to`` None pads to the longest sentence. Specials carry value 0.0; padding is id 0, value 0.0.
-    Gene parts are written with one boolean-mask assignment per chunk (row-major order = sentence order).
+
+def split_flat(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    """``[flat[offsets[i]:offsets[i+1]] for each cell]``: views into ``flat`` (no copy)."""
+    bounds = offsets.tolist()
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def pad_sentences(parts, width: int):
+    """Right-padded ``(input_ids int64 [B, width], values float32, attention_mask int64)`` of flat sentences
+    (``parts``: per chunk ``(offsets, ids, values, lengths)``, see :func:`flatten_sentences`).
+
+    Padding is id 0 (``<pad>``), value 0.0, mask 0; ``width`` must be at least the longest sentence. Each
+    sentence is one contiguous copy into its row (a memcpy per cell: about 3x faster than one fancy-index
+    scatter of every token into the padded array, which writes an index array as large as the output).
     """
-    lengths = np.concatenate([s.lengths for s in sentences]) if sentences else np.zeros(0, np.int64)
-    n_pre, n_suf = len(prefix), len(suffix)
-    total = lengths + n_pre + n_suf
-    width = int(total.max(initial=0)) if pad_to is None else max(int(pad_to), int(total.max(initial=0)))
+    lengths = np.concatenate([p[3] for p in parts]) if parts else np.zeros(0, np.int64)
     n_cells = len(lengths)
-    ids = np.zeros((n_cells, width), dtype=np.int64)
-    values = np.zeros((n_cells, width), dtype=np.float32)
-    if n_pre:
-        ids[:, :n_pre] = prefix
-    gene_width = int(lengths.max(initial=0))
-    row0 = 0
-    for s in sentences:  # one iteration per chunk, not per cell
-        rows = slice(row0, row0 + len(s.lengths))
-        inside = np.arange(gene_width)[None, :] < s.lengths[:, None]
-        ids[rows, n_pre:n_pre + gene_width][inside] = s.token
-        values[rows, n_pre:n_pre + gene_width][inside] = s.value
-        row0 += len(s.lengths)
-    for j, tid in enumerate(suffix):
-        ids[np.arange(n_cells), n_pre + lengths + j] = tid
-    mask = (np.arange(width)[None, :] < total[:, None]).astype(np.int64)
-    return ids, values, mask, total
+    out_ids = np.zeros((n_cells, width), dtype=np.int64)
+    out_val = np.zeros((n_cells, width), dtype=np.float32)
+    row = 0
+    for offsets, ids, values, part_len in parts:  # chunks
+        rows = len(part_len)
+        if rows and (part_len == width).all():
+            out_ids[row:row + rows] = ids.reshape(rows, width)
+            out_val[row:row + rows] = values.reshape(rows, width)
+        else:
+            bounds = offsets.tolist()
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]), start=row):  # copies, no per-token Python work
+                out_ids[i, :b - a] = ids[a:b]
+                out_val[i, :b - a] = values[a:b]
+        row += rows
+    mask = np.empty((n_cells, width), dtype=np.int64)
+    np.less(np.arange(width), lengths[:, None], out=mask)
+    return out_ids, out_val, mask, lengths
 
 
 def flatten_sentences(sentences: list[GeneSentences], prefix: list[int], suffix: list[int],
