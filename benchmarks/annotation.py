@@ -61,9 +61,12 @@ def own_genes(family: str) -> str:
     return f"LR, {NAMES[family]}'s genes"
 
 
-def tagged(method: str, gene_selection: str) -> str:
-    """A method's name under a gene selection other than the recipes' (``annotation.py --gene-selection``)."""
-    return method if gene_selection == common.GENE_SELECTION else f"{method} [{gene_selection} genes]"
+def tagged(method: str, gene_selection: str, pool: str = common.POOL) -> str:
+    """A method's name under a gene selection other than the recipes' (``annotation.py --gene-selection``) or a
+    pooled pretraining corpus (``--pool``)."""
+    tags = ([] if gene_selection == common.GENE_SELECTION else [f"{gene_selection} genes"]) + \
+        ([] if pool == common.POOL else [f"pool {pool}"])
+    return method + "".join(f" [{t}]" for t in tags)
 
 
 def untagged(method: str) -> str:
@@ -96,19 +99,80 @@ def method_order() -> list[str]:
         [f"{NAMES[f]} {i}" for f in FAMILIES for i in ("pretrained", "random")]
 
 
+def tagged_order() -> list[str]:
+    """Every method name the tables may hold, tagged by gene selection and pool, in table order."""
+    return [tagged(m, g, p) for m in method_order() for g in common.GENE_SELECTIONS for p in common.POOLS]
+
+
 def _metrics(m: dict) -> dict:
     return {"accuracy": round(m["accuracy"], 4), "f1_macro": round(m["f1_macro"], 4), "n_scored": m["n_scored"]}
 
 
 def pretrain_job(family: str, dataset: str, split: str, force: bool = False,
-                 gene_selection: str = common.GENE_SELECTION) -> dict:
-    run = common.pretrain_run(family, dataset, split, force=force, gene_selection=gene_selection)
-    return {"pretrained": str(run["pretrained"]), "cpu_s": run["cpu_s"], "reused": run["reused"]}
+                 gene_selection: str = common.GENE_SELECTION, pool: str = common.POOL) -> dict:
+    run = common.pretrain_run(family, dataset, split, force=force, gene_selection=gene_selection, pool=pool)
+    return {"pretrained": str(run["pretrained"]), "cpu_s": run["cpu_s"], "reused": run["reused"],
+            "final": run["curve"][-1], "corpus": run["corpus"]}
+
+
+def objective_line(family: str, dataset: str, split: str, pool: str, result: dict) -> dict:
+    """The run's final held-out pretraining objective against its best trivial predictor (one row of the table)."""
+    last = {k: float(v) for k, v in result["final"].items()}
+    if "gene_mean" in last:
+        best = min(last["gene_mean"], last["global_mean"])
+        figure = f"{last['model'] / best:.3f} of the per-gene mean"
+    else:
+        best = min(last["unigram"], last["unigram_unseen"])
+        figure = f"{best - last['model']:.2f} nats below the unigram"
+    return {"dataset": dataset, "split": split, "family": NAMES[family], "pool": pool,
+            "corpus": " + ".join(f"{k} {v:,}" for k, v in result["corpus"].items()), "model": round(last["model"], 4),
+            "best_trivial": round(best, 4), "figure": figure}
+
+
+def objective_table(lines: list[dict]) -> str:
+    out = ["| dataset (split) | family | pool | corpus cells | held-out model | best trivial | result |",
+           "|---|---|---|---|---|---|---|"]
+    for r in lines:
+        out.append(f"| {r['dataset']} ({r['split']}) | {r['family']} | {r['pool']} | {r['corpus']} | {r['model']:.4g} | "
+                   f"{r['best_trivial']:.4g} | {r['figure']} |")
+    return "\n".join(out)
+
+
+def pool_table(rows: list[dict]) -> str:
+    """Per split and family, fine-tuned macro-F1 from each pool's pretrained weights next to random init (mean +- sd
+    over seeds) and the differences; empty unless rows of several pools are present."""
+    import numpy as np
+
+    pools = [p for p in common.POOLS if any(r.get("pool", common.POOL) == p and r.get("init") == "pretrained"
+                                          for r in rows)]
+    if len(pools) < 2 and not (pools and pools[0] != common.POOL):
+        return ""
+    head = "| dataset (split) | family | seeds | random init | " + " | ".join(f"pretrained, pool {p}" for p in pools) + \
+        " | " + " | ".join(f"pool {p} - random" for p in pools) + \
+        "".join(f" | pool {p} - pool {pools[0]}" for p in pools[1:]) + " |"
+    lines = [head, "|" + "---|" * (4 + 2 * len(pools) + len(pools) - 1)]
+    for dataset, split in sorted({(r["dataset"], r["split"]) for r in rows}):
+        for family in FAMILIES:
+            def sel(init, pool=None):
+                return [float(r["f1_macro"]) for r in rows if r["dataset"] == dataset and r["split"] == split and
+                        r.get("family") == family and r.get("init") == init and
+                        (pool is None or r.get("pool", common.POOL) == pool) and
+                        r.get("gene_selection", common.GENE_SELECTION) == common.GENE_SELECTION]
+            rnd, pre = sel("random"), [sel("pretrained", p) for p in pools]
+            if not all(pre):
+                continue
+            means = [np.mean(v) for v in pre]
+            rmean = np.mean(rnd) if rnd else float("nan")
+            lines.append(f"| {dataset} ({split}) | {NAMES[family]} | {max(len(v) for v in pre)} | "
+                         f"{common.mean_sd(rnd) if rnd else '-'} | " + " | ".join(common.mean_sd(v) for v in pre) +
+                         " | " + " | ".join(f"{m - rmean:+.3f}" for m in means) +
+                         "".join(f" | {m - means[0]:+.3f}" for m in means[1:]) + " |")
+    return "\n".join(lines)
 
 
 def finetune_job(family: str, dataset: str, split: str, pretrained: str, init: str, seed: int,
                  gene_selection: str = common.GENE_SELECTION, finetune_lr: float | None = None,
-                 warmup_steps: float = 0.0) -> dict:
+                 warmup_steps: float = 0.0, pool: str = common.POOL) -> dict:
     """Fine-tune (from ``pretrained`` or a random init of its architecture) on the training cells; score the test."""
     import warnings
 
@@ -135,8 +199,9 @@ def finetune_job(family: str, dataset: str, split: str, pretrained: str, init: s
         m = annotated.uns[METRICS_KEY]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"dataset": dataset, "split": split, "method": tagged(f"{NAMES[family]} {init}", gene_selection),
-            "family": family, "init": init, "seed": seed, "gene_selection": gene_selection,
+    pool = pool if init == "pretrained" else common.POOL  # a random init does not depend on the corpus
+    return {"dataset": dataset, "split": split, "method": tagged(f"{NAMES[family]} {init}", gene_selection, pool),
+            "family": family, "init": init, "seed": seed, "gene_selection": gene_selection, "pool": pool,
             "finetune_lr": finetune_lr or recipe["finetune_lr"], "warmup_steps": warmup_steps, **_metrics(m)}
 
 
@@ -145,7 +210,7 @@ def aggregate(rows: list[dict], datasets) -> str:
     import numpy as np
 
     lines = ["| dataset | method | splits x seeds | accuracy | macro-F1 | macro-F1 seed sd |", "|---|---|---|---|---|---|"]
-    order = [tagged(m, g) for m in method_order() for g in common.GENE_SELECTIONS]
+    order = tagged_order()
     for dataset in datasets:
         for method in order:
             sel = [r for r in rows if r["dataset"] == dataset and r["method"] == method]
@@ -202,8 +267,7 @@ def plot(rows: list[dict], datasets, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [tagged(m, g) for m in method_order() for g in common.GENE_SELECTIONS
-               if any(r["method"] == tagged(m, g) for r in rows)]
+    methods = [m for m in tagged_order() if any(r["method"] == m for r in rows)]
     colours = {LR_SAME: "0.2", LR_ALL: "0.5", PCA_LR: "0.75", **{own_genes(f): "0.35" for f in FAMILIES}}
     for k, family in enumerate(FAMILIES):
         colours[f"{NAMES[family]} pretrained"] = f"C{k}"
@@ -287,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gene-selection", nargs="+", default=[common.GENE_SELECTION], choices=common.GENE_SELECTIONS,
                         help="flavour(s) ranking the recipes' variable genes: each one runs every arm (default: "
                              "pearson_residuals, the recipes'; seurat: the earlier recipe's dispersion genes)")
+    parser.add_argument("--pool", nargs="+", default=[common.POOL], choices=common.POOLS,
+                        help="pretraining corpus: the split's training cells (none), plus every cell of the other "
+                             "species' bundled data through the 1:1 ortholog table (orthologs), plus the other "
+                             "bundled data of the same species too (all); each one pretrains its own run, compared "
+                             "side by side (the random-init arm is run once: it does not depend on the corpus)")
     parser.add_argument("--no-pretrained", action="store_true", help="skip the pretrained arm")
     parser.add_argument("--finetune-lr", type=float, default=None, help="fine-tuning lr (default: the recipe's)")
     parser.add_argument("--warmup-steps", type=float, default=0.0,
@@ -299,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.aggregate:
         rows = list(csv.DictReader(open(args.aggregate, newline="")))
         datasets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
-        print(aggregate(rows, datasets) + "\n\n" + targets(rows, datasets) + "\n\n" + selection_table(rows))
+        print(aggregate(rows, datasets) + "\n\n" + targets(rows, datasets) + "\n\n" + selection_table(rows) +
+              "\n\n" + pool_table(rows))
         plot(rows, datasets, Path(args.aggregate).with_suffix(".png"))
         return 0
 
@@ -312,31 +382,38 @@ def main(argv: list[str] | None = None) -> int:
     csv_path, md_path = out / f"annotation{args.tag}.csv", out / f"annotation{args.tag}.md"
 
     selections = list(dict.fromkeys(args.gene_selection))
+    pools = list(dict.fromkeys(args.pool))
     pre_jobs = [(pretrain_job, {"family": f, "dataset": d, "split": s, "force": args.force_pretrain,
-                                "gene_selection": g}) for d in splits for s in splits[d] for g in selections
-                for f in args.families]
-    pretrained = {}
+                                "gene_selection": g, "pool": p}) for d in splits for s in splits[d] for g in selections
+                for p in pools for f in args.families]
+    pretrained, objectives = {}, []
     for i, result, cpu_s, wall in common.run_jobs(pre_jobs, args.workers):
         kw = pre_jobs[i][1]
-        pretrained[kw["family"], kw["dataset"], kw["split"], kw["gene_selection"]] = result["pretrained"]
+        pretrained[kw["family"], kw["dataset"], kw["split"], kw["gene_selection"], kw["pool"]] = result["pretrained"]
         cpu += cpu_s
+        line = objective_line(kw["family"], kw["dataset"], kw["split"], kw["pool"], result)
+        if kw["gene_selection"] == common.GENE_SELECTION:
+            objectives.append(line)
         print(f"[{time.time() - started:6.0f} s] pretrained {kw['family']} on {kw['dataset']} {kw['split']} "
-              f"({kw['gene_selection']} genes; {'reused' if result['reused'] else f'{cpu_s:.0f} CPU-s'})", flush=True)
+              f"({kw['gene_selection']} genes, pool {kw['pool']}: {line['corpus']} cells; held-out objective "
+              f"{line['figure']}; {'reused' if result['reused'] else f'{cpu_s:.0f} CPU-s'})", flush=True)
+    objectives.sort(key=lambda r: (r["dataset"], r["split"], r["family"], pools.index(r["pool"])))
     jobs = []
     for d in splits:
         for s in splits[d]:
             for g in selections:
                 jobs.append((baselines_job, {"dataset": d, "split": s, "gene_selection": g,
-                                             "pretrained": {f: pretrained[f, d, s, g] for f in args.families}}))
+                                             "pretrained": {f: pretrained[f, d, s, g, pools[0]]
+                                                            for f in args.families}}))
                 for f in args.families:
-                    inits = (() if args.no_pretrained else ("pretrained",)) + \
-                        (() if args.no_random_init else ("random",))
-                    for init in inits:
+                    arms = ([] if args.no_pretrained else [("pretrained", p) for p in pools]) + \
+                        ([] if args.no_random_init else [("random", pools[0])])  # same config and tokenizer
+                    for init, p in arms:
                         for seed in range(args.seeds):
                             jobs.append((finetune_job, {"family": f, "dataset": d, "split": s, "gene_selection": g,
-                                                        "pretrained": pretrained[f, d, s, g], "init": init,
+                                                        "pretrained": pretrained[f, d, s, g, p], "init": init,
                                                         "seed": seed, "finetune_lr": args.finetune_lr,
-                                                        "warmup_steps": args.warmup_steps}))
+                                                        "warmup_steps": args.warmup_steps, "pool": p}))
     for i, result, cpu_s, wall in common.run_jobs(jobs, args.workers):
         cpu += cpu_s
         for row in (result if isinstance(result, list) else [result]):
@@ -351,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     by_selection = selection_table(rows)
     summary += f"\n\nGene selection alone (one pretraining run per flavour, seeds as above):\n\n{by_selection}" \
         if by_selection else ""
+    by_pool = pool_table(rows)
+    summary += f"\n\nPooled pretraining corpus, fine-tuned macro-F1 (seeds as above):\n\n{by_pool}" if by_pool else ""
+    summary += f"\n\nHeld-out pretraining objective of each run:\n\n{objective_table(objectives)}"
     plot(rows, list(splits), out / f"annotation{args.tag}.png")
     settings = common.provenance("annotation.py", argv, started, cpu, args.workers,
                                  f"{args.seeds} fine-tuning seed(s) per split and init; ")

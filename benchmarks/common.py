@@ -217,8 +217,42 @@ GENE_SELECTION = "pearson_residuals"
 GENE_SELECTIONS = ("pearson_residuals", "seurat")
 
 
-def run_dir(dataset: str, split: str, family: str, objective: str, gene_selection: str = GENE_SELECTION) -> Path:
+#: What else enters a run's pretraining corpus beside the split's training cells: ``none``; ``orthologs``: every
+#: cell of the other species' Baron pancreas set, mapped to the dataset's genes through the one-to-one ortholog
+#: table (:data:`ORTHOLOG_PARTS`); ``all``: every cell of every other bundled dataset, the other species' mapped
+#: (e.g. Baron mouse and pbmc68k for Baron human). The tokenizer (its genes, medians) is still fitted on the split's
+#: training cells only.
+POOL = "none"
+POOLS = ("none", "orthologs", "all")
+SPECIES = {"baron_human": "human", "baron_mouse": "mouse", "pbmc68k": "human"}
+ORTHOLOG_PARTS = {"baron_human": ["baron_mouse"], "baron_mouse": ["baron_human"], "pbmc68k": ["baron_mouse"]}
+
+
+def pool_parts(dataset: str, pool: str) -> list[str]:
+    """The other bundled datasets whose cells (all of them) join ``dataset``'s training cells under ``pool``."""
+    if pool not in POOLS:
+        raise ValueError(f"Unknown pool {pool!r}: choose one of {', '.join(POOLS)}.")
+    if pool == "none":
+        return []
+    return list(ORTHOLOG_PARTS[dataset]) if pool == "orthologs" else [d for d in SPECIES if d != dataset]
+
+
+def pretraining_cells(dataset: str, train, pool: str = POOL, genes=None):
+    """The cells a run pretrains on: ``train`` (the split's training cells), plus, under ``pool``, every cell of
+    :func:`pool_parts` (the other species' through the 1:1 ortholog table, :func:`hf_scfm.data.pool_cells`), over
+    ``genes`` (the tokenizer's). The held-out cells of ``dataset`` are never added: only other datasets are."""
+    from hf_scfm.data import load_example, pool_cells
+
+    parts = pool_parts(dataset, pool)
+    if not parts:
+        return train
+    return pool_cells({dataset: train, **{d: load_example(d) for d in parts}}, species=SPECIES[dataset], genes=genes)
+
+
+def run_dir(dataset: str, split: str, family: str, objective: str, gene_selection: str = GENE_SELECTION,
+            pool: str = POOL) -> Path:
     suffix = "" if gene_selection == GENE_SELECTION else f"-{gene_selection}"
+    suffix += "" if pool == POOL else f"-pool_{pool}"
     return RUNS / dataset / slug(split) / f"{family}-{objective}{suffix}"
 
 
@@ -232,11 +266,14 @@ def run_settings(family_name: str, objective: str, dataset: str, split: str, ste
 
 def pretrain_run(family_name: str, dataset: str, split: str, *, objective: str | None = None, steps: int | None = None,
                  eval_every: int | None = None, seed: int = 0, force: bool = False,
-                 gene_selection: str = GENE_SELECTION) -> dict:
+                 gene_selection: str = GENE_SELECTION, pool: str = POOL) -> dict:
     """Pretrain ``family_name`` on the training cells of ``split`` (the quickstart recipe), evaluating every
     ``eval_every`` steps on the held-out cells; reuse the run on disk when its settings match. ``gene_selection``:
-    the flavour that ranks the recipe's variable genes (everything else is the recipe's). Returns
-    ``{"dir", "pretrained", "curve" (list of rows), "cpu_s", "reused"}``."""
+    the flavour that ranks the recipe's variable genes (everything else is the recipe's). ``pool``: other bundled
+    cells added to the corpus (:data:`POOLS`, :func:`pretraining_cells`); the tokenizer and the trivial predictors
+    are fitted on the split's training cells in every case, so pooled and unpooled runs are scored on the same
+    held-out batches against the same baselines. Returns ``{"dir", "pretrained", "curve" (list of rows), "cpu_s",
+    "reused", "corpus" (cells per source)}``."""
     import torch
 
     from hf_scfm.data import build_corpus
@@ -249,18 +286,20 @@ def pretrain_run(family_name: str, dataset: str, split: str, *, objective: str |
     recipe = RECIPES[family_name]
     steps = steps or recipe["pretrain_steps"]
     eval_every = eval_every or max(steps // 8, 1)
-    folder = run_dir(dataset, split, family_name, objective, gene_selection)
+    folder = run_dir(dataset, split, family_name, objective, gene_selection, pool)
     settings = run_settings(family_name, objective, dataset, split, steps, eval_every)
     settings["seed"] = seed
     if gene_selection != GENE_SELECTION:  # the default's settings stay as before, so its runs are reused
         settings["gene_selection"] = gene_selection
+    if pool != POOL:  # likewise: unpooled runs keep their settings
+        settings["pool"] = pool
     done = folder / "run.json"
     if not force and done.exists():
         saved = json.loads(done.read_text())
         if saved["settings"] == settings:
             rows = list(csv.DictReader(open(folder / "curve.csv", newline="")))
             return {"dir": folder, "pretrained": folder / "pretrained", "curve": rows, "cpu_s": saved["cpu_s"],
-                    "reused": True}
+                    "reused": True, "corpus": saved.get("corpus", {dataset: train_cells(dataset, split)})}
     cpu0 = time.process_time()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -268,8 +307,12 @@ def pretrain_run(family_name: str, dataset: str, split: str, *, objective: str |
     tokenizer = build_tokenizer(adata, family, max_length=recipe["max_length"], fit_on=train,
                                 n_top_genes=recipe["n_top_genes"], batch_key=batch_key_of(train),
                                 include_zero_genes=recipe.get("include_zero_genes", False), flavor=gene_selection)
-    build_corpus(train, tokenizer, folder / "corpus", max_length=recipe["max_length"], shard_size=max(train.n_obs, 1),
+    cells = pretraining_cells(dataset, train, pool)  # all genes: the tokenizer reads its own by name or ID
+    corpus = dict(cells.obs["pool_source"].value_counts().sort_index()) if pool != POOL else {dataset: train.n_obs}
+    corpus = {k: int(v) for k, v in corpus.items()}
+    build_corpus(cells, tokenizer, folder / "corpus", max_length=recipe["max_length"], shard_size=max(cells.n_obs, 1),
                  obs_columns=[LABEL_KEY], progress=False, overwrite=True)
+    del cells
     out = folder / "pretrained"
     pretrain(PretrainArguments(
         model=family_name, objective=objective, preset="tiny", corpus=str(folder / "corpus"), out=str(out),
@@ -304,8 +347,15 @@ def pretrain_run(family_name: str, dataset: str, split: str, *, objective: str |
         writer.writeheader()
         writer.writerows(rows)
     cpu = round(time.process_time() - cpu0, 1)
-    done.write_text(json.dumps({"settings": settings, "cpu_s": cpu, "kind": kind}, indent=1) + "\n")
-    return {"dir": folder, "pretrained": out, "curve": rows, "cpu_s": cpu, "reused": False}
+    done.write_text(json.dumps({"settings": settings, "cpu_s": cpu, "kind": kind, "corpus": corpus}, indent=1) + "\n")
+    return {"dir": folder, "pretrained": out, "curve": rows, "cpu_s": cpu, "reused": False, "corpus": corpus}
+
+
+def train_cells(dataset: str, split: str) -> int:
+    """How many training cells ``split`` of ``dataset`` has (the corpus of an unpooled run)."""
+    from hf_scfm.data import load_example
+
+    return int(split_masks(load_example(dataset, backed=True), dataset)[split][0].sum())
 
 
 def random_init_checkpoint(pretrained: Path, folder: Path, family_name: str, seed: int) -> Path:

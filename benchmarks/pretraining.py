@@ -4,6 +4,12 @@ annotation (the paper's NTP ~ MLM, in miniature).
 
     python benchmarks/pretraining.py                 # README table + benchmarks/results/pretraining.png
     python benchmarks/pretraining.py --datasets baron_human --families cellfm --steps 40   # a smoke run
+    python benchmarks/pretraining.py --no-mlm --pool none orthologs   # issue 17.3: pooled corpus vs one dataset's
+
+``--pool``: what else enters the corpus (:data:`common.POOLS`): ``orthologs`` adds every cell of the other
+species' Baron set mapped through the one-to-one ortholog table, ``all`` every other bundled dataset too; the
+tokenizer and the trivial predictors stay those of the split's training donors, so the pooled rows are scored on
+the same held-out batches against the same baselines as the unpooled ones (the curves plotted are the first pool's).
 
 Each run (:func:`common.pretrain_run`, cached under ``benchmarks/results/runs/`` and reused by
 ``benchmarks/annotation.py``): the family's recipe (:data:`hf_scfm.quickstart.RECIPES`), pretrained with
@@ -39,9 +45,11 @@ SPLITS = {"baron_human": "test human4", "baron_mouse": "test mouse1"}
 NAMES = {"scmamba2": "SC-MAMBA2", "cellfm": "CellFM", "mouse_genemamba": "Mouse-GeneMamba"}
 
 
-def run_job(family: str, objective: str, dataset: str, split: str, steps: int | None, force: bool) -> dict:
-    run = common.pretrain_run(family, dataset, split, objective=objective, steps=steps, force=force)
-    return {"curve": run["curve"], "pretrained": str(run["pretrained"]), "cpu_s": run["cpu_s"], "reused": run["reused"]}
+def run_job(family: str, objective: str, dataset: str, split: str, steps: int | None, force: bool,
+            pool: str = common.POOL) -> dict:
+    run = common.pretrain_run(family, dataset, split, objective=objective, steps=steps, force=force, pool=pool)
+    return {"curve": run["curve"], "pretrained": str(run["pretrained"]), "cpu_s": run["cpu_s"], "reused": run["reused"],
+            "corpus": run["corpus"]}
 
 
 def summarise(family: str, objective: str, curve: list[dict]) -> dict:
@@ -60,7 +68,7 @@ def summarise(family: str, objective: str, curve: list[dict]) -> dict:
                       f"{last.get('rank_order_top1', last['unigram_top1']):.3f})", "met": gap >= 0.5}
 
 
-def plot(results: dict, png: Path) -> None:
+def plot(results: dict, png: Path, splits: dict = SPLITS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +93,7 @@ def plot(results: dict, png: Path) -> None:
                 ax.axhline(float(curve[-1][key]), ls="--", color=colour, label=key.replace("_", " "))
             finals = [float(curve[-1][k]) for k in trivial] + [float(curve[-1]["model"])]
             ax.set_ylim(min(finals) * 0.85, max(finals) * 1.25)
-            ax.set_title(f"{NAMES[family]} {objective}\n{dataset} (held out {SPLITS[dataset].split()[-1]})",
+            ax.set_title(f"{NAMES[family]} {objective}\n{dataset} (held out {splits[dataset].split()[-1]})",
                          fontsize=8)
             ax.set_xlabel("pretraining step", fontsize=8)
             ax.set_ylabel("held-out MSE" if "gene_mean" in curve[0] else "held-out CE (nats)", fontsize=8)
@@ -105,41 +113,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlm", action="store_true", help="skip Mouse-GeneMamba's MLM variant")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--force", action="store_true", help="pretrain again even if a matching run exists")
+    parser.add_argument("--pool", nargs="+", default=[common.POOL], choices=common.POOLS,
+                        help="pretraining corpus: none (the split's training donors), orthologs (plus the other "
+                             "species' Baron cells through the 1:1 ortholog table), all (plus every other bundled "
+                             "dataset); each one is a run of its own")
+    parser.add_argument("--splits", default="test", choices=("test", "validation"),
+                        help="the test donors (default) or the validation donor the recipes were chosen on")
     args = parser.parse_args(argv)
+    splits = dict(SPLITS) if args.splits == "test" else dict(common.VALIDATION)
+    args.datasets = [d for d in args.datasets if d in splits]
+    pools = list(dict.fromkeys(args.pool))
     started, cpu = time.time(), 0.0
     todo = [(f, o) for f, o in RUNS if f in args.families and not (o == "mlm" and args.no_mlm)]
-    jobs = [(run_job, {"family": f, "objective": o, "dataset": d, "split": SPLITS[d], "steps": args.steps,
-                       "force": args.force}) for d in args.datasets for f, o in todo]
-    results, pretrained, rows = {}, {}, []
+    jobs = [(run_job, {"family": f, "objective": o, "dataset": d, "split": splits[d], "steps": args.steps,
+                       "force": args.force, "pool": p}) for d in args.datasets for p in pools for f, o in todo]
+    results, pretrained, rows, corpora = {}, {}, [], {}
     for i, result, cpu_s, wall in common.run_jobs(jobs, args.workers):
         kw = jobs[i][1]
-        key = (kw["dataset"], kw["family"], kw["objective"])
-        results[key], pretrained[key] = result["curve"], result["pretrained"]
+        key = (kw["dataset"], kw["family"], kw["objective"], kw["pool"])
+        results[key], pretrained[key], corpora[key] = result["curve"], result["pretrained"], result["corpus"]
         cpu += cpu_s
         rows += [{"dataset": kw["dataset"], "split": kw["split"], "family": kw["family"], "objective": kw["objective"],
-                  **row} for row in result["curve"]]
-        print(f"[{time.time() - started:6.0f} s] {kw['dataset']} {kw['family']} {kw['objective']}: "
+                  "pool": kw["pool"], **row} for row in result["curve"]]
+        print(f"[{time.time() - started:6.0f} s] {kw['dataset']} {kw['family']} {kw['objective']} pool {kw['pool']}: "
               f"{summarise(kw['family'], kw['objective'], result['curve'])['figure']} "
               f"({'reused' if result['reused'] else f'{cpu_s:.0f} CPU-s'})", flush=True)
     common.write_csv(common.RESULTS / "pretraining.csv", rows)
-    lines = ["| dataset | family | objective | steps | held-out model | best trivial | cell-type oracle | result | "
-             "target |", "|---|---|---|---|---|---|---|---|---|"]
-    for (dataset, family, objective), curve in results.items():
+    lines = ["| dataset (held out) | family | objective | pool (corpus cells) | steps | held-out model | best trivial | "
+             "cell-type oracle | result | target |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (dataset, family, objective, pool), curve in sorted(results.items(), key=lambda kv: (
+            kv[0][0], [r[:2] for r in RUNS].index(kv[0][1:3]), pools.index(kv[0][3]))):
         s = summarise(family, objective, curve)
         oracle = f"{s['oracle']:.3f}" if s["oracle"] is not None else "-"
-        lines.append(f"| {dataset} | {NAMES[family]} | {s['objective']} | {curve[-1]['step']} | {s['model']:.3f} | "
+        cells = " + ".join(f"{v:,}" for v in corpora[dataset, family, objective, pool].values())
+        lines.append(f"| {dataset} ({splits[dataset].split()[-1]}) | {NAMES[family]} | {s['objective']} | {pool} ({cells}) | "
+                     f"{curve[-1]['step']} | {s['model']:.3f} | "
                      f"{s['best trivial']:.3f} | {oracle} | {s['figure']} | {'met' if s['met'] else 'not met'} |")
     table = "\n".join(lines)
     png = common.RESULTS / "pretraining.png"
-    plot(results, png)
+    plot({k[:3]: v for k, v in results.items() if k[3] == pools[0]}, png, splits)
 
     comparison = ""
-    mgm = [k for k in results if k[1] == "mouse_genemamba"]
+    pretrained = {k[:3]: v for k, v in pretrained.items() if k[3] == pools[0]}
+    mgm = [k for k in pretrained if k[1] == "mouse_genemamba"]
     if {o for _, _, o in mgm} >= {"causal", "mlm"}:
         from annotation import finetune_job
 
-        ft = [(finetune_job, {"family": "mouse_genemamba", "dataset": d, "split": SPLITS[d],
-                              "pretrained": pretrained[d, "mouse_genemamba", o], "init": "pretrained", "seed": s})
+        ft = [(finetune_job, {"family": "mouse_genemamba", "dataset": d, "split": splits[d],
+                              "pretrained": pretrained[d, "mouse_genemamba", o], "init": "pretrained", "seed": s,
+                              "pool": pools[0]})
               for d in args.datasets for o in ("causal", "mlm") for s in range(args.seeds)]
         scores = {}
         for i, result, cpu_s, wall in common.run_jobs(ft, args.workers):

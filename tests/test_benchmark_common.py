@@ -89,3 +89,30 @@ def test_masked_gene_unseen_unigram_leaves_out_the_visible_genes(common):
     u = base.unigram
     assert got["model"] == pytest.approx(got["unigram"], rel=1e-5) == pytest.approx(-np.log(u[6]), rel=1e-5)
     assert got["unigram_unseen"] == pytest.approx(-np.log(u[6] / (1 - u[7] - u[8])))
+
+
+def test_pooled_corpus_adds_the_other_species_mapped_and_never_the_held_out_donor(common):
+    assert common.pool_parts("baron_human", "none") == []
+    assert common.pool_parts("baron_human", "orthologs") == ["baron_mouse"]
+    assert common.pool_parts("baron_mouse", "orthologs") == ["baron_human"]
+    assert sorted(common.pool_parts("baron_human", "all")) == ["baron_mouse", "pbmc68k"]
+    with pytest.raises(ValueError, match="Unknown pool 'mouse'.*none, orthologs, all"):
+        common.pool_parts("baron_human", "mouse")
+    # the unpooled run keeps its folder (and so its cached runs); a pooled one gets its own
+    assert common.run_dir("baron_human", "test human2", "cellfm", "masked_regression").name == "cellfm-masked_regression"
+    assert common.run_dir("baron_human", "test human2", "cellfm", "masked_regression", pool="orthologs").name == \
+        "cellfm-masked_regression-pool_orthologs"
+
+    adata, train, test = common.load_split("baron_human", "test human2")
+    assert common.pretraining_cells("baron_human", train, "none") is train
+    cells = common.pretraining_cells("baron_human", train, "all")
+    held_out = {f"baron_human:{c}" for c in test.obs_names}
+    assert not held_out & set(cells.obs_names)  # no held-out cell enters the corpus
+    assert set(cells.obs.loc[cells.obs["pool_source"] == "baron_human", "batch"].astype(str)) == {"human1", "human3", "human4"}
+    counts = cells.obs["pool_source"].value_counts()
+    assert counts["baron_human"] == train.n_obs == adata.n_obs - test.n_obs
+    assert counts["baron_mouse"] == 1886 and counts["pbmc68k"] == 700
+    assert cells.uns["species"] == "human" and cells.uns["pool"]["baron_mouse"]["mapped_by_orthologs"]
+    mouse = cells[cells.obs["pool_source"] == "baron_mouse"]
+    assert "GCG" in mouse.var_names and "Gcg" not in mouse.var_names  # human symbols, not mouse ones
+    assert float(np.asarray(mouse[:, "GCG"].X.sum())) > 0  # mouse Gcg counts read as human GCG

@@ -19,12 +19,14 @@ from .loading import (
     split_by_column,
     split_by_node,
 )
+from .pooling import pool_cells
 from .streaming import CollatedBatches, iter_batches
 
 __all__ = [
     "EXAMPLES",
     "example_path",
     "load_example",
+    "pool_cells",
     "build_corpus",
     "CorpusBuildReport",
     "load_corpus",
